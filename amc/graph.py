@@ -49,6 +49,7 @@ class LayerInfo:
     in_channels: int
     out_channels: int
     groups: int
+    kernel: int  # kernel side (1 for linear)
     kernel_area: int
     stride: int
     in_hw: tuple[int, int]
@@ -111,7 +112,7 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInfo
             if isinstance(module, nn.Conv2d):
                 layers[name] = LayerInfo(
                     name=name, kind="conv", in_channels=module.in_channels,
-                    out_channels=module.out_channels, groups=module.groups,
+                    out_channels=module.out_channels, groups=module.groups, kernel=module.kernel_size[0],
                     kernel_area=module.kernel_size[0] * module.kernel_size[1],
                     stride=module.stride[0], in_hw=(x.shape[2], x.shape[3]),
                     out_positions=output[0].numel() // module.out_channels,
@@ -120,7 +121,7 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInfo
             else:
                 layers[name] = LayerInfo(
                     name=name, kind="linear", in_channels=module.in_features,
-                    out_channels=module.out_features, groups=1, kernel_area=1, stride=1,
+                    out_channels=module.out_features, groups=1, kernel=1, kernel_area=1, stride=1,
                     in_hw=(1, 1), out_positions=output[0].numel() // module.out_features,
                     has_bias=module.bias is not None,
                 )

@@ -1,0 +1,89 @@
+"""Checkpoint files: atomic writes, versioned formats, loading with ``weights_only=True``.
+
+Every checkpoint is a dict of plain data (strings, numbers, lists, tensors) with a ``format``
+name and a ``version``; nothing needs pickled classes, so ``torch.load(weights_only=True)``
+reads all of them. A pruned checkpoint holds the original architecture spec and the pruning
+plan: the loader rebuilds the original model, replays the plan structurally, then loads the
+weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from amc.errors import UserError
+
+BASE_FORMAT = "amc-base"
+PRUNED_FORMAT = "amc-pruned"
+AGENT_FORMAT = "amc-agent"
+VERSIONS = {BASE_FORMAT: 1, PRUNED_FORMAT: 1, AGENT_FORMAT: 1}
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+
+    A kill at any moment leaves either the old file or the new one, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_checkpoint(path: str | Path, fmt: str, payload: dict[str, Any]) -> None:
+    data = {"format": fmt, "version": VERSIONS[fmt], **payload}
+    atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
+def load_checkpoint(path: str | Path, fmt: str) -> dict[str, Any]:
+    """Read a checkpoint of format ``fmt``; any problem is a one-line ``UserError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("checkpoint not found", where=str(path))
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupted, or a pickle needing arbitrary classes
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"not a readable checkpoint ({reason[:160]})", where=str(path)) from None
+    if not isinstance(data, dict) or data.get("format") not in VERSIONS:
+        raise UserError("not an amc checkpoint (no amc format field)", where=str(path))
+    if data["format"] != fmt:
+        raise UserError(f"is an {data['format']} checkpoint, expected {fmt}", where=str(path))
+    version = data.get("version")
+    if not isinstance(version, int) or version > VERSIONS[fmt]:
+        raise UserError(
+            f"format version {version} is newer than this amc supports ({VERSIONS[fmt]}); upgrade amc-search",
+            where=str(path))
+    return data
+
+
+def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> None:
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise UserError(f"weights do not fit the model: {' '.join(first[:2])[:200]}", where=where) from None

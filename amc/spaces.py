@@ -1,0 +1,113 @@
+"""What a policy acts on: channel units or fine-grained layers, with their costs.
+
+A space is the swappable part between the environment and the model: it lists the units a
+policy sets (size, rounding step, the layer the state describes), prices a policy in the
+budgeted resource analytically, and applies a policy to a copy of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from torch import nn
+
+from amc.calibration import reconstructable_layers
+from amc.cost import CostModel
+from amc.graph import LayerInfo, PrunableGraph
+from amc.pruning import apply_masks, channel_plan, fine_grained_masks, prune_channels
+
+
+class Space(Protocol):
+    kind: str
+    names: list[str]
+    sizes: list[int]
+    step: int
+    layers: list[LayerInfo]  # the layer each unit's state describes
+    unit_costs: list[float]  # the state's FLOPs[t] (or weights, fine-grained)
+
+    def cost(self, keep: Sequence[int]) -> float: ...
+    def measures(self, keep: Sequence[int]) -> dict[str, float]: ...
+    def apply(self, model: nn.Module, keep: Sequence[int]) -> nn.Module: ...
+    def plan(self, model: nn.Module, keep: Sequence[int]) -> dict: ...
+    def refit_layers(self, keep: Sequence[int]) -> list[str]: ...
+
+
+class ChannelSpace:
+    """Structured channel pruning of dependency-group units."""
+
+    kind = "channel"
+
+    def __init__(self, model: nn.Module, graph: PrunableGraph, resource: str = "flops",
+                 round_to: int = 1, latency=None):
+        self.graph = graph
+        self.cost_model = CostModel(graph, model)
+        self.resource = resource
+        self.latency = latency
+        self.names = [u.name for u in graph.units]
+        self.sizes = [u.channels for u in graph.units]
+        self.step = round_to
+        self.layers = [u.layer for u in graph.units]
+        producers = [{m.module for m in u.members if m.dim == "out" and m.module in graph.layers}
+                     for u in graph.units]
+        self.unit_costs = [float(sum(graph.layers[n].macs for n in names)) for names in producers]
+        self._model = model
+        if resource == "latency" and latency is None:
+            raise ValueError("the latency resource needs a latency model")
+
+    def cost(self, keep: Sequence[int]) -> float:
+        if self.resource == "flops":
+            return float(self.cost_model.macs(keep))
+        if self.resource == "params":
+            return float(self.cost_model.params(keep))
+        return self.latency.predict(self.cost_model, keep)
+
+    def measures(self, keep: Sequence[int]) -> dict[str, float]:
+        out = {"macs": float(self.cost_model.macs(keep)), "params": float(self.cost_model.params(keep))}
+        if self.latency is not None:
+            out["latency_ms"] = self.latency.predict(self.cost_model, keep)
+        return out
+
+    def apply(self, model: nn.Module, keep: Sequence[int]) -> nn.Module:
+        return prune_channels(model, self.graph, keep, inplace=True)
+
+    def plan(self, model: nn.Module, keep: Sequence[int]) -> dict:
+        return {"kind": self.kind, "channels": channel_plan(self.graph, keep)}
+
+    def refit_layers(self, keep: Sequence[int]) -> list[str]:
+        """Layers whose input channels the policy cuts, in forward order."""
+        cut = {m.module for u, k in zip(self.graph.units, keep) if k < u.channels
+               for m in u.members if m.dim == "in" and m.module in self.graph.layers}
+        return reconstructable_layers(self._model, [n for n in self.graph.layers if n in cut])
+
+
+class FineGrainedSpace:
+    """Unstructured magnitude pruning: one density per conv / linear layer, budget on non-zeros."""
+
+    kind = "fine_grained"
+
+    def __init__(self, model: nn.Module, graph: PrunableGraph):
+        self.graph = graph
+        self.layers = list(graph.layers.values())
+        self.names = [layer.name for layer in self.layers]
+        self.sizes = [layer.weight_count for layer in self.layers]
+        self.step = 1
+        self.unit_costs = [float(s) for s in self.sizes]
+        total = sum(p.numel() for p in model.parameters())
+        self._fixed = total - sum(self.sizes)  # biases, norms: never pruned
+        self._macs = float(sum(layer.macs for layer in self.layers))
+
+    def cost(self, keep: Sequence[int]) -> float:
+        return float(self._fixed + sum(keep))
+
+    def measures(self, keep: Sequence[int]) -> dict[str, float]:
+        return {"macs": self._macs, "params": self.cost(keep)}
+
+    def apply(self, model: nn.Module, keep: Sequence[int]) -> nn.Module:
+        return apply_masks(model, fine_grained_masks(model, self.names, keep), inplace=True)
+
+    def plan(self, model: nn.Module, keep: Sequence[int]) -> dict:
+        return {"kind": self.kind, "density": {n: k / s for n, k, s in zip(self.names, keep, self.sizes)}}
+
+    def refit_layers(self, keep: Sequence[int]) -> list[str]:
+        return []

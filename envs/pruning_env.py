@@ -1,0 +1,131 @@
+"""``PruningEnv``: AMC's environment. One step per prunable unit, in forward order.
+
+The agent answers each unit's state with an action in [0, 1], mapped to a preserve ratio in
+[lbound, rbound] and rounded to the unit's allowed keep counts. Under the resource-constrained
+protocol the ratio is clipped so the episode can still end within budget. Steps cost nothing
+but arithmetic (the analytic cost model); the last step prunes a copy of the model, calibrates
+it, scores it on the reward-val subset and returns the episode's reward.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+
+import gymnasium as gym
+import numpy as np
+from torch import nn
+
+from amc.envs.budget import max_keep
+from amc.envs.rewards import REWARDS
+from amc.envs.state import FEATURES, observation, static_features
+from amc.errors import UserError
+from amc.pruning import keep_count
+from amc.scoring import Scorer
+from amc.spaces import Space
+
+
+class PruningEnv(gym.Env):
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self, model: nn.Module, space: Space, scorer: Scorer, protocol: str = "resource",
+        target: float = 0.5, lbound: float = 0.2, rbound: float = 1.0,
+    ):
+        if protocol not in REWARDS:
+            raise ValueError(f"protocol must be one of {sorted(REWARDS)}, got {protocol!r}")
+        if not space.sizes:
+            raise UserError("the model has no prunable unit (every conv/linear group is protected)",
+                            field="model.name")
+        self.model = model
+        self.space = space
+        self.scorer = scorer
+        self.protocol = protocol
+        self.reward_fn = REWARDS[protocol]
+        self.lbound, self.rbound = lbound, rbound
+        self.full_cost = space.cost(space.sizes)
+        self.budget = target * self.full_cost
+        self.floor = [keep_count(lbound, size, space.step) for size in space.sizes]
+        self.ceiling = [keep_count(rbound, size, space.step) for size in space.sizes]
+        self.static = static_features(space.layers, space.unit_costs)
+        self.total_unit_cost = float(sum(space.unit_costs)) or 1.0
+        self.full_measures = space.measures(space.sizes)
+        if protocol == "resource":
+            reachable = space.cost(self.floor) / self.full_cost
+            if reachable > target + 1e-12:
+                raise UserError(
+                    f"target {target:g} is below what lbound {lbound:g} allows; the smallest "
+                    f"reachable target is {math.ceil(reachable * 1e4) / 1e4:g}", field="search.target")
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(len(FEATURES),), dtype=np.float32)
+        self.action_space = gym.spaces.Box(0.0, 1.0, shape=(1,), dtype=np.float32)
+        self.keep: list[int] = []
+
+    @property
+    def num_units(self) -> int:
+        return len(self.space.sizes)
+
+    def _observation(self) -> np.ndarray:
+        t = min(len(self.keep), self.num_units - 1)
+        rest = self.space.sizes[len(self.keep):]
+        reduced = 1.0 - self.space.cost([*self.keep, *rest]) / self.full_cost
+        later = sum(self.space.unit_costs[t + 1:]) / self.total_unit_cost
+        a_prev = self.keep[-1] / self.space.sizes[len(self.keep) - 1] if self.keep else 1.0
+        return observation(self.static, t, reduced, later, a_prev)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.keep = []
+        return self._observation(), {}
+
+    def preserve_count(self, action: float) -> int:
+        """The keep count for the current unit: action -> ratio -> rounded, clipped count."""
+        t = len(self.keep)
+        size = self.space.sizes[t]
+        ratio = self.lbound + float(np.clip(action, 0.0, 1.0)) * (self.rbound - self.lbound)
+        count = min(keep_count(ratio, size, self.space.step), self.ceiling[t])
+        if self.protocol == "resource":
+            limit = max_keep(self.space.cost, self.keep, self.floor[t + 1:], size, self.space.step, self.budget)
+            count = max(min(count, limit), self.floor[t])
+        return count
+
+    def step(self, action):
+        value = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
+        if not math.isfinite(value):
+            warnings.warn(f"non-finite action {value} at unit {len(self.keep)}: episode ends with the worst reward")
+            return self._observation(), self.worst_reward(), True, False, {"nonfinite": True}
+        self.keep.append(self.preserve_count(value))
+        if len(self.keep) < self.num_units:
+            return self._observation(), 0.0, False, False, {}
+        reward, info = self.evaluate(self.keep)
+        return self._observation(), reward, True, False, info
+
+    def worst_reward(self) -> float:
+        return self.reward_fn(1.0, self.full_cost)
+
+    def evaluate(self, keep: list[int]) -> tuple[float, dict]:
+        """Prune a copy of the model to ``keep``, calibrate and score it."""
+        start = time.perf_counter()
+        pruned = copy.deepcopy(self.model)
+        timings = {"copy": time.perf_counter() - start}
+        start = time.perf_counter()
+        self.space.apply(pruned, keep)
+        timings["prune"] = time.perf_counter() - start
+        error, score_timings = self.scorer(pruned, self.space.refit_layers(keep))
+        timings.update(score_timings)
+        cost = self.space.cost(keep)
+        measures = self.space.measures(keep)
+        info = {
+            "error": error,
+            "keep": list(keep),
+            "ratios": [k / s for k, s in zip(keep, self.space.sizes)],
+            "cost_ratio": cost / self.full_cost,
+            **{f"{name}_ratio": value / self.full_measures[name] for name, value in measures.items()},
+            "timings": timings,
+        }
+        reward = self.reward_fn(error, cost)
+        if not math.isfinite(reward):
+            warnings.warn(f"non-finite reward for policy {info['ratios']}: scored as the worst reward")
+            reward, info["nonfinite"] = self.worst_reward(), True
+        return reward, info

@@ -1,0 +1,32 @@
+"""The per-unit state embedding: the AMC paper's 11 features, in the paper's order.
+
+``t, n, c, h, w, stride, k, FLOPs[t]`` are static and min-max normalised across units to
+[0, 1]; ``reduced`` (cost removed so far / total), ``rest`` (cost of the units after t / total)
+and ``a_{t-1}`` (the previous unit's preserve ratio, 1 before the first) change per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from amc.graph import LayerInfo
+
+FEATURES = ("t", "n", "c", "h", "w", "stride", "k", "flops", "reduced", "rest", "a_prev")
+
+
+def static_features(layers: Sequence[LayerInfo], unit_costs: Sequence[float]) -> np.ndarray:
+    """(units, 8) matrix of the normalised static features."""
+    raw = np.array(
+        [[t, layer.out_channels, layer.in_channels, layer.in_hw[0], layer.in_hw[1], layer.stride,
+          layer.kernel, cost] for t, (layer, cost) in enumerate(zip(layers, unit_costs))],
+        dtype=np.float64,
+    )
+    low, high = raw.min(axis=0), raw.max(axis=0)
+    span = np.where(high > low, high - low, 1.0)
+    return ((raw - low) / span).astype(np.float32)
+
+
+def observation(static: np.ndarray, t: int, reduced: float, rest: float, a_prev: float) -> np.ndarray:
+    return np.concatenate([static[t], np.array([reduced, rest, a_prev], dtype=np.float32)]).clip(0.0, 1.0)
