@@ -58,10 +58,12 @@ def _layer_outputs(module: nn.Module, y: torch.Tensor, positions: torch.Tensor |
 
 @torch.no_grad()
 def reconstruct(
-    original: nn.Module, pruned: nn.Module, layer_names: Sequence[str], images: torch.Tensor,
+    original: nn.Module, pruned: nn.Module, layers: dict[str, torch.Tensor | None], images: torch.Tensor,
     positions_per_image: int = 10, seed: int = 0,
 ) -> None:
     """Refit the named layers of ``pruned`` so their outputs match ``original``'s (AMC's step).
+
+    ``layers`` maps each layer to refit to the original output channels it kept (None: all).
 
     For each layer, ``W = argmin ||Y - X W||``: Y is the original layer's output (bias removed)
     at sampled positions, X the pruned model's input patches at the same positions (unfold, so
@@ -69,7 +71,7 @@ def reconstruct(
     model (a pre-hook refits a layer just before it runs), so each fit sees the inputs produced
     by the already-refit layers before it.
     """
-    names = set(layer_names)
+    names = set(layers)
     originals = dict(original.named_modules())
     targets: dict[str, torch.Tensor] = {}
     positions: dict[str, torch.Tensor] = {}
@@ -82,7 +84,8 @@ def reconstruct(
                 n, _, h, w = output.shape
                 count = min(positions_per_image, h * w)
                 positions[name] = torch.stack([torch.randperm(h * w, generator=generator)[:count] for _ in range(n)]).to(output.device)
-            targets[name] = _layer_outputs(module, output, positions.get(name)).double()
+            rows = _layer_outputs(module, output, positions.get(name)).double()
+            targets[name] = rows if layers[name] is None else rows[:, layers[name].to(rows.device)]
         return hook
 
     def refit(name: str):
@@ -108,10 +111,6 @@ def reconstruct(
             hook.remove()
 
 
-def reconstructable_layers(model: nn.Module, names: Sequence[str]) -> list[str]:
-    """The layers least squares can refit: plain (ungrouped) convs and linear layers."""
-    modules = dict(model.named_modules())
-    return [
-        n for n in names
-        if isinstance(modules[n], nn.Linear) or (isinstance(modules[n], nn.Conv2d) and modules[n].groups == 1)
-    ]
+def reconstructable(module: nn.Module) -> bool:
+    """Least squares can refit plain (ungrouped) convs and linear layers."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)

@@ -34,7 +34,7 @@ class Scorer:
         self.metric = metric
         self.seed = seed
 
-    def calibrate(self, pruned: nn.Module, refit_layers: Sequence[str], timings: dict[str, float]) -> None:
+    def calibrate(self, pruned: nn.Module, refit_layers: dict, timings: dict[str, float]) -> None:
         start = time.perf_counter()
         if self.calibration in ("lsq", "both") and refit_layers:
             reconstruct(self.original, pruned, refit_layers, self.recon_images, seed=self.seed)
@@ -47,7 +47,7 @@ class Scorer:
     def error(self, model: nn.Module) -> float:
         return 1.0 - accuracy(model, self.reward_batches)[self.metric]
 
-    def __call__(self, pruned: nn.Module, refit_layers: Sequence[str] = ()) -> tuple[float, dict[str, float]]:
+    def __call__(self, pruned: nn.Module, refit_layers: dict | None = None) -> tuple[float, dict[str, float]]:
         """Calibrate ``pruned`` in place and return (error, timings in seconds)."""
         timings: dict[str, float] = {}
         self.calibrate(pruned, refit_layers, timings)

@@ -12,7 +12,10 @@ from typing import Protocol
 
 from torch import nn
 
-from amc.calibration import reconstructable_layers
+import numpy as np
+import torch
+
+from amc.calibration import reconstructable
 from amc.cost import CostModel
 from amc.graph import LayerInfo, PrunableGraph
 from amc.pruning import apply_masks, channel_plan, fine_grained_masks, prune_channels
@@ -30,7 +33,7 @@ class Space(Protocol):
     def measures(self, keep: Sequence[int]) -> dict[str, float]: ...
     def apply(self, model: nn.Module, keep: Sequence[int]) -> nn.Module: ...
     def plan(self, model: nn.Module, keep: Sequence[int]) -> dict: ...
-    def refit_layers(self, keep: Sequence[int]) -> list[str]: ...
+    def refit_layers(self, keep: Sequence[int]) -> dict[str, torch.Tensor | None]: ...
 
 
 class ChannelSpace:
@@ -74,11 +77,29 @@ class ChannelSpace:
     def plan(self, model: nn.Module, keep: Sequence[int]) -> dict:
         return {"kind": self.kind, "channels": channel_plan(self.graph, keep)}
 
-    def refit_layers(self, keep: Sequence[int]) -> list[str]:
-        """Layers whose input channels the policy cuts, in forward order."""
-        cut = {m.module for u, k in zip(self.graph.units, keep) if k < u.channels
-               for m in u.members if m.dim == "in" and m.module in self.graph.layers}
-        return reconstructable_layers(self._model, [n for n in self.graph.layers if n in cut])
+    def refit_layers(self, keep: Sequence[int]) -> dict[str, torch.Tensor | None]:
+        """Layers whose input channels the policy cuts -> the output channels each keeps."""
+        modules = dict(self._model.named_modules())
+        cut: set[str] = set()
+        removed_out: dict[str, set[int]] = {}
+        for unit, k in zip(self.graph.units, keep):
+            if k == unit.channels:
+                continue
+            removed_roots = unit.ranking[k:]
+            for m in unit.members:
+                if m.module not in self.graph.layers:
+                    continue
+                if m.dim == "in":
+                    cut.add(m.module)
+                else:
+                    removed_out.setdefault(m.module, set()).update(m.idxs[np.isin(m.root_idxs, removed_roots)].tolist())
+        layers = {}
+        for name, info in self.graph.layers.items():  # forward order
+            if name in cut and reconstructable(modules[name]):
+                gone = removed_out.get(name)
+                layers[name] = None if not gone else torch.as_tensor(
+                    np.setdiff1d(np.arange(info.out_channels), sorted(gone)))
+        return layers
 
 
 class FineGrainedSpace:
@@ -109,5 +130,5 @@ class FineGrainedSpace:
     def plan(self, model: nn.Module, keep: Sequence[int]) -> dict:
         return {"kind": self.kind, "density": {n: k / s for n, k, s in zip(self.names, keep, self.sizes)}}
 
-    def refit_layers(self, keep: Sequence[int]) -> list[str]:
-        return []
+    def refit_layers(self, keep: Sequence[int]) -> dict[str, torch.Tensor | None]:
+        return {}
