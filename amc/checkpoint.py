@@ -20,6 +20,9 @@ import torch
 from torch import nn
 
 from amc.errors import UserError
+from amc.graph import find_units
+from amc.models import build_from_spec
+from amc.pruning import apply_channel_plan
 
 BASE_FORMAT = "amc-base"
 PRUNED_FORMAT = "amc-pruned"
@@ -59,8 +62,9 @@ def save_checkpoint(path: str | Path, fmt: str, payload: dict[str, Any]) -> None
     atomic_write(path, lambda tmp: torch.save(data, tmp))
 
 
-def load_checkpoint(path: str | Path, fmt: str) -> dict[str, Any]:
-    """Read a checkpoint of format ``fmt``; any problem is a one-line ``UserError``."""
+def load_checkpoint(path: str | Path, fmt: str | tuple[str, ...]) -> dict[str, Any]:
+    """Read a checkpoint of format ``fmt`` (or any of several); any problem is a one-line ``UserError``."""
+    formats = (fmt,) if isinstance(fmt, str) else fmt
     path = Path(path)
     if not path.is_file():
         raise UserError("checkpoint not found", where=str(path))
@@ -71,12 +75,12 @@ def load_checkpoint(path: str | Path, fmt: str) -> dict[str, Any]:
         raise UserError(f"not a readable checkpoint ({reason[:160]})", where=str(path)) from None
     if not isinstance(data, dict) or data.get("format") not in VERSIONS:
         raise UserError("not an amc checkpoint (no amc format field)", where=str(path))
-    if data["format"] != fmt:
-        raise UserError(f"is an {data['format']} checkpoint, expected {fmt}", where=str(path))
-    version = data.get("version")
-    if not isinstance(version, int) or version > VERSIONS[fmt]:
+    if data["format"] not in formats:
+        raise UserError(f"is an {data['format']} checkpoint, expected {' or '.join(formats)}", where=str(path))
+    version, supported = data.get("version"), VERSIONS[data["format"]]
+    if not isinstance(version, int) or version > supported:
         raise UserError(
-            f"format version {version} is newer than this amc supports ({VERSIONS[fmt]}); upgrade amc-search",
+            f"format version {version} is newer than this amc supports ({supported}); upgrade amc-search",
             where=str(path))
     return data
 
@@ -87,3 +91,27 @@ def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise UserError(f"weights do not fit the model: {' '.join(first[:2])[:200]}", where=where) from None
+
+
+def load_pruned(path: str | Path) -> nn.Module:
+    """Rebuild a pruned model from its checkpoint alone: architecture, plan replay, weights."""
+    return load_model(path, (PRUNED_FORMAT,))[0]
+
+
+def load_model(path: str | Path, formats: tuple[str, ...] = (BASE_FORMAT, PRUNED_FORMAT)) -> tuple[nn.Module, dict]:
+    """A base or pruned checkpoint -> (model in eval mode, the stored data without weights)."""
+    data = load_checkpoint(path, formats)
+    if data["format"] == BASE_FORMAT:
+        model = build_from_spec(data["spec"])
+    else:
+        model = build_from_spec(data["arch"])
+        plan = data["plan"]
+        if plan.get("kind") == "channel":
+            graph = find_units(model, tuple(data["input_shape"]), bool(plan.get("prune_residual", False)))
+            unknown = set(plan["channels"]) - {u.name for u in graph.units}
+            if unknown:
+                raise UserError(f"plan names units the architecture does not have: {sorted(unknown)[:3]}",
+                                where=str(path))
+            apply_channel_plan(model, graph, plan["channels"], inplace=True)
+    load_state(model, data["state_dict"], str(path))
+    return model.eval(), {k: v for k, v in data.items() if k != "state_dict"}

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from amc.checkpoint import BASE_FORMAT, load_checkpoint, load_state
+from amc.checkpoint import BASE_FORMAT, load_model
 from amc.config import Config, load_config
 from amc.data import DataSplits, load_splits, make_loader
 from amc.errors import UserError
 from amc.graph import PrunableGraph, find_units
-from amc.models import build_from_spec, build_model, model_spec
+from amc.models import build_model, model_spec
 from amc.scoring import Scorer
 from amc.spaces import ChannelSpace, FineGrainedSpace, Space
 
@@ -84,10 +84,11 @@ class Workspace:
         if not path.is_file():
             raise UserError(f"trained base model not found; run `amc train {self.cfg.source}` first",
                             where=str(path))
-        data = load_checkpoint(path, BASE_FORMAT)
-        model = build_from_spec(data["spec"])
-        load_state(model, data["state_dict"], str(path))
-        return model.to(self.device).eval()
+        model, data = load_model(path, (BASE_FORMAT,))
+        if data["spec"] != self.spec:
+            raise UserError(f"holds a {data['spec']['name']} model for {data['spec']['num_classes']} classes, "
+                            f"the config asks for {self.spec['name']} with {self.spec['num_classes']}", where=str(path))
+        return model.to(self.device)
 
     def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None):
         dataset = getattr(self.splits, split)

@@ -77,6 +77,7 @@ class Unit:
     name: str  # the producing layer the state describes
     channels: int
     members: list[Member]
+    importance: np.ndarray  # L1 magnitude of each root channel over the whole group
     ranking: np.ndarray  # root channels, most important first
     residual: bool  # coupled through a residual add (several producers)
     layer: LayerInfo = field(repr=False)
@@ -197,7 +198,7 @@ def find_units(
         channels = len(importance)
         ranking = np.argsort(-importance, kind="stable")
         units.append(Unit(index=-1, name=root.name, channels=channels, members=members,
-                          ranking=ranking, residual=residual, layer=root))
+                          importance=importance, ranking=ranking, residual=residual, layer=root))
 
     units.sort(key=lambda u: order[u.name])
     for i, unit in enumerate(units):

@@ -22,11 +22,13 @@ def fit(
     model: nn.Module, loader: DataLoader, epochs: int, lr: float, momentum: float = 0.9,
     weight_decay: float = 5e-4, label_smoothing: float = 0.0, teacher: nn.Module | None = None,
     temperature: float = 4.0, distill_weight: float = 0.9, desc: str = "train",
-    progress: bool = True,
+    progress: bool = True, masks: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """SGD with a cosine schedule over ``epochs``; with ``teacher``, knowledge distillation.
 
     The loss is ``(1 - w) * CE + w * KD`` when distilling, plain cross-entropy otherwise.
+    ``masks`` (parameter name -> 0/1 tensor) are re-applied after every step, so weights that
+    fine-grained pruning removed stay zero.
     """
     device = next(model.parameters()).device
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
@@ -35,6 +37,7 @@ def fit(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     if teacher is not None:
         teacher.eval()
+    masked = [(p, masks[n].to(p)) for n, p in model.named_parameters() if n in masks] if masks else []
     bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
     for epoch in range(epochs):
         model.train()
@@ -49,6 +52,9 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            with torch.no_grad():
+                for param, mask in masked:
+                    param.mul_(mask)
             schedule.step()
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")

@@ -1,0 +1,108 @@
+"""Rule-based policies to compare AMC against, all priced by the same cost model and exported
+through the same reconstruction, calibration and measurement path.
+
+- uniform: one preserve ratio for every unit, the largest that meets the budget (bisection);
+- random: as many random episodes as the search, through the same env and clipping; best kept;
+- global: channels ranked by magnitude across all units (each unit's importances divided by
+  their mean, as torch-pruning's global pruning normalises groups), the least important cut
+  until the budget is met, no unit below lbound;
+- deep / shallow: the AMC paper's handcrafted plain-net policies, preserve ratio falling
+  linearly with depth (deep: prune deep layers more) or rising with it (shallow).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from amc.config import Config, run_dir_for
+from amc.errors import UserError
+from amc.export import measure, prune_policy, save_pruned
+from amc.factory import Workspace, seed_everything
+from amc.pruning import keep_count
+
+
+def _largest_feasible(policy: Callable[[float], list[int]], cost: Callable[[list[int]], float], budget: float) -> list[int]:
+    """Bisection on a knob in [0, 1] for the largest policy whose cost meets the budget."""
+    low, high = 0.0, 1.0
+    if cost(policy(high)) <= budget:
+        return policy(high)
+    if cost(policy(low)) > budget:
+        raise UserError(f"even the smallest policy costs {cost(policy(low)):.4g} > budget {budget:.4g}",
+                        field="search.target")
+    for _ in range(50):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cost(policy(mid)) <= budget else (low, mid)
+    return policy(low)
+
+
+def uniform_policy(sizes, step, cost, budget, lbound=0.0) -> list[int]:
+    return _largest_feasible(lambda r: [keep_count(max(r, lbound), s, step) for s in sizes], cost, budget)
+
+
+def depth_policy(sizes, step, cost, budget, lbound, deep: bool) -> list[int]:
+    """Ratios linear in depth from 1 to r (deep) or r to 1 (shallow); r found by bisection."""
+    depth = np.linspace(0.0, 1.0, len(sizes)) if deep else np.linspace(1.0, 0.0, len(sizes))
+
+    def policy(r: float) -> list[int]:
+        ratios = 1.0 - depth * (1.0 - max(r, lbound))
+        return [keep_count(q, s, step) for q, s in zip(ratios, sizes)]
+
+    return _largest_feasible(policy, cost, budget)
+
+
+def global_policy(units, step, cost, budget, lbound) -> list[int]:
+    scores = [u.importance / max(u.importance.mean(), 1e-12) for u in units]
+    floors = [keep_count(lbound, u.channels, step) for u in units]
+    top = max(float(s.max()) for s in scores)
+
+    def policy(knob: float) -> list[int]:  # knob 1: keep all; 0: cut everything under the top score
+        threshold = (1.0 - knob) * top
+        return [max(f, keep_count(float((s >= threshold).sum()) / len(s), len(s), step) if (s >= threshold).any() else f)
+                for s, f in zip(scores, floors)]
+
+    return _largest_feasible(policy, cost, budget)
+
+
+def random_search(cfg: Config, workspace: Workspace) -> list[int]:
+    env = workspace.env()
+    rng = np.random.default_rng(cfg.seed)
+    best_reward, best_keep = -np.inf, None
+    for _ in range(cfg.search.episodes):
+        env.reset()
+        done = False
+        while not done:
+            _, reward, done, _, info = env.step(rng.uniform(0, 1, size=1).astype(np.float32))
+        if "keep" in info and reward > best_reward:
+            best_reward, best_keep = reward, info["keep"]
+    return best_keep
+
+
+def baseline_policy(cfg: Config, method: str, workspace: Workspace) -> list[int]:
+    s = cfg.search
+    if method == "random":
+        return random_search(cfg, workspace)
+    if s.protocol != "resource":
+        raise UserError(f"the {method} baseline needs a budget: set search.protocol: resource", field="search.protocol")
+    space = workspace.space(workspace.base_model)
+    budget = s.target * space.cost(space.sizes)
+    if method == "uniform":
+        return uniform_policy(space.sizes, space.step, space.cost, budget, s.lbound)
+    if method in ("deep", "shallow"):
+        return depth_policy(space.sizes, space.step, space.cost, budget, s.lbound, deep=method == "deep")
+    if space.kind != "channel":
+        raise UserError("the global baseline ranks channels: use search.mode: channel", field="search.mode")
+    return global_policy(space.graph.units, space.step, space.cost, budget, s.lbound)
+
+
+def run_baseline(cfg: Config, method: str, out: Path | None = None) -> tuple[Path, dict]:
+    seed_everything(cfg.seed)
+    workspace = Workspace(cfg)
+    keep = baseline_policy(cfg, method, workspace)
+    model, plan = prune_policy(workspace, keep)
+    metrics = measure(model, workspace)
+    out = out or run_dir_for(cfg) / f"baseline_{method}.pt"
+    save_pruned(out, workspace, model, plan, {**metrics, "keep": keep})
+    return out, metrics

@@ -1,0 +1,66 @@
+"""Export a policy as a physically smaller checkpoint, to ONNX, and measure models."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from amc.calibration import recalibrate_batchnorm, reconstruct
+from amc.checkpoint import PRUNED_FORMAT, save_checkpoint
+from amc.errors import UserError
+from amc.factory import Workspace, cached_batches
+from amc.metrics import accuracy, count_macs, count_nonzero_params, count_params, measure_latency
+
+
+def measure(model: nn.Module, workspace: Workspace, splits: tuple[str, ...] = ("reward_val", "test")) -> dict:
+    """MACs, parameters (all and non-zero), latency and top-1 / top-5 on the named splits."""
+    lat = workspace.cfg.latency
+    model = model.to(workspace.device).eval()
+    out = {
+        "macs": count_macs(model, workspace.input_shape),
+        "params": count_params(model),
+        "nonzero_params": count_nonzero_params(model),
+        "latency_ms": measure_latency(model, workspace.input_shape, lat.batch_size, lat.threads, lat.warmup, lat.repeats),
+    }
+    for split in splits:
+        acc = accuracy(model, workspace.loader(split))
+        out[f"{split}_top1"], out[f"{split}_top5"] = acc["top1"], acc["top5"]
+    return out
+
+
+def prune_policy(workspace: Workspace, keep: list[int], refit: bool = True) -> tuple[nn.Module, dict]:
+    """The base model pruned to ``keep``, reconstructed by least squares, BN re-estimated."""
+    cfg = workspace.cfg
+    model = workspace.base_model
+    space = workspace.space(model)
+    if len(keep) != len(space.sizes):
+        raise UserError(f"policy has {len(keep)} entries, the model has {len(space.sizes)} units", field="keep")
+    pruned = copy.deepcopy(model)
+    space.apply(pruned, keep)
+    if refit and space.kind == "channel":
+        reconstruct(model, pruned, space.refit_layers(keep), workspace.reconstruction_images(), seed=cfg.seed)
+    calib = [x.to(workspace.device) for x, _ in cached_batches(
+        workspace.splits.train_eval, cfg.data.batch_size, limit=max(cfg.search.calib_batches, 1))]
+    recalibrate_batchnorm(pruned, calib)
+    plan = space.plan(model, keep)
+    plan["prune_residual"] = cfg.search.prune_residual
+    return pruned.eval(), plan
+
+
+def save_pruned(path: str | Path, workspace: Workspace, model: nn.Module, plan: dict, metrics: dict) -> None:
+    save_checkpoint(path, PRUNED_FORMAT, {
+        "arch": workspace.spec, "input_shape": list(workspace.input_shape), "plan": plan,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "metrics": metrics,
+    })
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(model).cpu().eval()
+    torch.onnx.export(model, (torch.zeros(input_shape),), str(path), input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                      dynamo=False)

@@ -1,0 +1,81 @@
+"""Tables and plots: layer info, the summary table, the policy and episode plots."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from amc.checkpoint import atomic_write
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence], markdown: bool = False) -> str:
+    """Plain (or Markdown) text table with right-aligned columns after the first."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row):
+        parts = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        return ("| " + " | ".join(parts) + " |") if markdown else "  ".join(parts)
+
+    out = [line(cells[0])]
+    out.append(("|" + "|".join("-" * (w + 2) for w in widths) + "|") if markdown else "  ".join("-" * w for w in widths))
+    out += [line(row) for row in cells[1:]]
+    return "\n".join(out)
+
+
+def human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def summary_table(columns: dict[str, dict], markdown: bool = False) -> str:
+    """Rows: MACs, params, latency, top-1 per column (e.g. original / pruned / fine-tuned)."""
+    fields = [("MACs", "macs", human), ("params", "params", human), ("non-zero params", "nonzero_params", human),
+              ("latency (ms)", "latency_ms", lambda v: f"{v:.2f}"),
+              ("reward-val top-1", "reward_val_top1", lambda v: f"{100 * v:.2f}%"),
+              ("test top-1", "test_top1", lambda v: f"{100 * v:.2f}%")]
+    rows = [[label] + [fmt(m[key]) if key in m else "-" for m in columns.values()] for label, key, fmt in fields]
+    return table([""] + list(columns), rows, markdown)
+
+
+def _save_figure(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+
+
+def plot_policy(best: dict, path: Path) -> None:
+    """Preserve ratio per unit of the best policy (the paper's per-layer figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = best["ratios"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(ratios)), 3.5))
+    ax.bar(range(len(ratios)), ratios, color="#3b75af")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("unit (forward order)")
+    ax.set_ylabel("preserve ratio")
+    ax.set_title(f"best policy: episode {best['episode']}, error {best['error']:.3f}, "
+                 f"cost {best['cost_ratio']:.3f} of the original")
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_episodes(rows: list[dict], path: Path) -> None:
+    """Reward and cost ratio per episode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    episodes = [r["episode"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    top.plot(episodes, [r["reward"] for r in rows], ".", markersize=3)
+    top.set_ylabel("reward")
+    bottom.plot(episodes, [r["cost_ratio"] for r in rows], ".", markersize=3, color="#c44e52")
+    bottom.set_ylabel("cost ratio")
+    bottom.set_xlabel("episode")
+    _save_figure(fig, path)
+    plt.close(fig)
