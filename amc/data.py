@@ -39,6 +39,7 @@ FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 @dataclass(frozen=True)
 class _Spec:
     channels: int
+    classes: int | None  # None: one per class folder (imagefolder)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     max_shift: int  # training augmentation: random shift by up to this many pixels (pad + crop)
@@ -47,14 +48,14 @@ class _Spec:
 
 _SPECS: dict[str, _Spec] = {
     # digits: statistics over all 1,797 images scaled to [0, 1]
-    "digits": _Spec(1, (0.3053,), (0.3760,), max_shift=1, flip=False),
+    "digits": _Spec(1, 10, (0.3053,), (0.3760,), max_shift=1, flip=False),
     # no flips for handwritten digits: a mirrored 2 or 7 is not a 2 or 7
-    "mnist": _Spec(1, (0.1307,), (0.3081,), max_shift=4, flip=False),
-    "fashion_mnist": _Spec(1, (0.2860,), (0.3530,), max_shift=4, flip=True),
-    "cifar10": _Spec(3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), max_shift=4, flip=True),
-    "cifar100": _Spec(3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), max_shift=4, flip=True),
+    "mnist": _Spec(1, 10, (0.1307,), (0.3081,), max_shift=4, flip=False),
+    "fashion_mnist": _Spec(1, 10, (0.2860,), (0.3530,), max_shift=4, flip=True),
+    "cifar10": _Spec(3, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), max_shift=4, flip=True),
+    "cifar100": _Spec(3, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), max_shift=4, flip=True),
     # ImageNet statistics; augmentation is RandomResizedCrop + flip, max_shift unused
-    "imagefolder": _Spec(3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), max_shift=0, flip=True),
+    "imagefolder": _Spec(3, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), max_shift=0, flip=True),
 }
 
 
@@ -173,6 +174,20 @@ class TransformedSubset(Dataset):
 
 
 # --------------------------------------------------------------------------- public API
+
+
+def data_shape(cfg: DataConfig) -> tuple[int, int]:
+    """(input channels, classes) without loading the images: enough to build the model.
+
+    An image folder has one class per folder under ``root/train``; 1000 (ImageNet) when the
+    folder is not there yet.
+    """
+    spec = _SPECS[cfg.name]
+    if spec.classes is not None:
+        return spec.channels, spec.classes
+    train = Path(cfg.root or "") / "train"
+    classes = sum(1 for p in train.iterdir() if p.is_dir()) if train.is_dir() else 0
+    return spec.channels, classes or 1000
 
 
 def load_splits(cfg: DataConfig, seed: int) -> DataSplits:

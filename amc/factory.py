@@ -13,7 +13,7 @@ from torch import nn
 
 from amc.checkpoint import BASE_FORMAT, load_model
 from amc.config import Config, load_config
-from amc.data import DataSplits, load_splits, make_loader
+from amc.data import DataSplits, data_shape, load_splits, make_loader
 from amc.errors import UserError
 from amc.graph import PrunableGraph, find_units
 from amc.models import build_model, model_spec
@@ -59,19 +59,24 @@ class Workspace:
     def splits(self) -> DataSplits:
         return load_splits(self.cfg.data, self.cfg.seed)
 
+    @cached_property
+    def data_shape(self) -> tuple[int, int]:
+        """(input channels, classes), known without loading the data."""
+        return data_shape(self.cfg.data)
+
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
         size = self.cfg.data.input_size
-        return (1, self.splits.in_channels, size, size)
+        return (1, self.data_shape[0], size, size)
 
     @property
     def spec(self) -> dict:
         m = self.cfg.model
-        return model_spec(m.name, self.splits.num_classes, self.splits.in_channels, m.kwargs)
+        return model_spec(m.name, self.data_shape[1], self.data_shape[0], m.kwargs)
 
     def new_model(self) -> nn.Module:
         m = self.cfg.model
-        return build_model(m.name, self.splits.num_classes, self.splits.in_channels, m.kwargs)
+        return build_model(m.name, self.data_shape[1], self.data_shape[0], m.kwargs)
 
     @property
     def checkpoint_path(self) -> Path:
