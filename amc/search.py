@@ -68,8 +68,8 @@ def check_writable(run_dir: Path) -> None:
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
     """The config a run was started with; only ``search.episodes`` may be changed on resume."""
     path = run_dir / CONFIG_FILE
-    if not (run_dir / AGENT_FILE).is_file() or not path.is_file():
-        raise UserError("no search to resume here (config.yaml and agent.pt are needed)", where=str(run_dir))
+    if not path.is_file():
+        raise UserError("no search to resume here (no config.yaml)", where=str(run_dir))
     raw = read_yaml(path)
     cfg = config_from_dict(raw, source=str(path))
     if overrides:
@@ -125,7 +125,7 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
     agent = AMCDDPG(env, cfg.agent, env.num_units, seed=cfg.seed, device=str(workspace.device))
     header = METRIC_COLUMNS + env.space.names
     start, best = 0, None
-    if resume:
+    if resume and agent_path.is_file():  # killed before the first episode ended: start over
         state = load_checkpoint(agent_path, AGENT_FORMAT)
         agent.load_state_dict(state["agent"])
         set_rng_state(state["rng"])

