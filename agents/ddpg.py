@@ -69,6 +69,14 @@ class AMCDDPG(DDPG):
         action = np.stack([self.act(self._last_obs[i], warmup) for i in range(n_envs)])
         return action, self.policy.scale_action(action)
 
+    def _setup_learn(self, *args, **kwargs):
+        """SB3 also resets the noise when ``learn()`` starts; AMC's noise steps only at episode ends."""
+        noise, self.action_noise = self.action_noise, None
+        try:
+            return super()._setup_learn(*args, **kwargs)
+        finally:
+            self.action_noise = noise
+
     def store(self, obs, next_obs, action, reward: float, done: bool) -> None:
         self.replay_buffer.add(obs[None], next_obs[None], self.policy.scale_action(action)[None],
                                np.array([reward]), np.array([done]), [{}])

@@ -139,5 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+POSITIONAL_CONFIG = {"run", "train", "info", "search", "baseline"}
+
+
+def script_main(command: str) -> None:
+    """Entry of the ``scripts/*.py`` wrappers: ``python scripts/search.py --config X.yaml ...``.
+
+    Research code takes ``--config``; the CLI takes the config positionally for some commands.
+    """
+    argv = sys.argv[1:]
+    if command in POSITIONAL_CONFIG and "--config" in argv:
+        i = argv.index("--config")
+        argv = argv[i + 1:i + 2] + argv[:i] + argv[i + 2:]
+    sys.exit(main([command, *argv]))
+
+
 if __name__ == "__main__":
     sys.exit(main())

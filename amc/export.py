@@ -61,6 +61,6 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).cpu().eval()
-    torch.onnx.export(model, (torch.zeros(input_shape),), str(path), input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                      dynamo=False)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.onnx.export(model, (torch.zeros(input_shape),), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)

@@ -1,0 +1,84 @@
+"""The AMC DDPG agent's parts, on real tensors, and the search beating the uniform policy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gymnasium import spaces
+
+from amc.agents import AMCDDPG, EpisodeRewardBuffer, TruncatedNormalNoise
+from amc.baselines import uniform_policy
+from amc.config import AgentConfig
+from amc.factory import Workspace
+from amc.search import search
+
+
+def test_truncated_noise_stays_in_bounds_and_decays_after_warmup():
+    noise = TruncatedNormalNoise(sigma=0.5, decay=0.9, warmup=2, seed=0)
+    samples = np.array([noise.sample(np.array([0.95])) for _ in range(2000)]).ravel()
+    assert samples.min() >= 0.0 and samples.max() <= 1.0
+    assert 0.6 < samples.mean() < 0.9  # mass pulled inside, not piled on the bound
+    assert (samples == 1.0).mean() < 0.01
+    noise.reset(); noise.reset()
+    assert noise.sigma == 0.5
+    noise.reset()
+    assert noise.sigma == pytest.approx(0.45)
+
+
+def test_buffer_writes_the_final_reward_back_and_subtracts_the_baseline():
+    obs_space = spaces.Box(0, 1, (3,), np.float32)
+    act_space = spaces.Box(-1, 1, (1,), np.float32)
+    buffer = EpisodeRewardBuffer(10, obs_space, act_space, device="cpu", baseline_alpha=0.5)
+    for t, done in enumerate([False, False, True]):
+        obs = np.full((1, 3), t, np.float32)
+        buffer.add(obs, obs + 1, np.zeros((1, 1), np.float32), np.array([0.0 if not done else -0.25]),
+                   np.array([done]), [{}])
+        assert buffer.size() == (3 if done else 0)  # held until the episode ends
+    assert np.all(buffer.rewards[:3] == -0.25)
+    batch = buffer.sample(4)
+    assert buffer.baseline == pytest.approx(-0.25)
+    assert np.allclose(batch.rewards.numpy(), 0.0)
+    state = buffer.state_dict()
+    other = EpisodeRewardBuffer(10, obs_space, act_space, device="cpu")
+    other.load_state_dict(state)
+    assert other.size() == 3 and other.baseline == buffer.baseline
+
+
+def test_actor_and_critic_keep_their_own_learning_rates(demo_cfg):
+    env = Workspace(demo_cfg).env()
+    agent = AMCDDPG(env, AgentConfig(warmup_episodes=1, batch_size=4), env.num_units, seed=0)
+    for _ in range(2):
+        obs, _ = env.reset()
+        done = False
+        while not done:
+            action = agent.act(obs, warmup=True)
+            next_obs, reward, done, _, _ = env.step(action)
+            agent.store(obs, next_obs, action, reward, done)
+            obs = next_obs
+    agent.learn_episode()
+    assert agent.actor.optimizer.param_groups[0]["lr"] == 1e-4
+    assert agent.critic.optimizer.param_groups[0]["lr"] == 1e-3
+    assert agent._n_updates == env.num_units
+
+
+def test_sb3_learn_explores_the_amc_way(demo_cfg):
+    env = Workspace(demo_cfg).env()
+    agent = AMCDDPG(env, AgentConfig(warmup_episodes=2, batch_size=8), env.num_units, seed=0)
+    agent.learn(total_timesteps=5 * env.num_units)
+    assert agent.replay_buffer.size() == 5 * env.num_units
+    assert agent.noise.episodes == 5 and agent.noise.sigma == pytest.approx(0.5 * 0.95 ** 3)
+
+
+def test_search_beats_the_uniform_policy_on_demo(demo_cfg, tmp_path):
+    cfg = demo_cfg.model_copy(update={
+        "search": demo_cfg.search.model_copy(update={"episodes": 120}),
+        "agent": demo_cfg.agent.model_copy(update={"warmup_episodes": 40}),
+    })
+    best = search(cfg, tmp_path / "run", progress=False)
+    env = Workspace(cfg).env()
+    uniform = uniform_policy(env.space.sizes, env.space.step, env.space.cost, env.budget, cfg.search.lbound)
+    _, uniform_info = env.evaluate(uniform)
+    print(f"searched: error {best['error']:.4f} at {best['macs_ratio']:.3f} FLOPs; "
+          f"uniform: error {uniform_info['error']:.4f} at {uniform_info['macs_ratio']:.3f} FLOPs")
+    assert best["macs_ratio"] <= 0.5 and uniform_info["macs_ratio"] <= 0.5
+    assert best["error"] < uniform_info["error"]

@@ -1,0 +1,117 @@
+"""The CLI end to end on the demo: run, export + load_pruned + ONNX, fine-tune, eval, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import amc
+from amc.checkpoint import load_checkpoint
+from amc.cli import main
+from amc.metrics import count_macs, count_params
+from conftest import ROOT, write_config
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "amc.cli", *args], capture_output=True, text=True, cwd=cwd, env=ENV)
+
+
+def test_run_export_finetune_eval(demo_raw, tmp_path, capsys):
+    demo_raw["search"]["episodes"] = 20
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    assert main(["run", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "original" in out and "fine-tuned" in out and "test top-1" in out
+    run_dir = Path(demo_raw["search"]["run_dir"])
+    for name in ("pruned.pt", "pruned_ft.pt", "best_policy.png", "episodes.png", "episodes.csv"):
+        assert (run_dir / name).is_file(), name
+
+    # the exported checkpoint: weights_only, and physically what the policy predicts
+    data = torch.load(run_dir / "pruned.pt", weights_only=True)
+    best = json.loads((run_dir / "best_policy.json").read_text())
+    model = amc.load_pruned(run_dir / "pruned.pt")
+    shape = tuple(data["input_shape"])
+    assert count_macs(model, shape) == data["metrics"]["macs"]
+    assert count_params(model) == data["metrics"]["params"]
+    base = load_checkpoint(demo_raw["model"]["checkpoint"], "amc-base")
+    assert data["metrics"]["macs"] / count_macs(amc.checkpoint.load_model(demo_raw["model"]["checkpoint"])[0], shape) \
+        == pytest.approx(best["macs_ratio"])
+    assert best["macs_ratio"] <= 0.5
+    assert base["spec"] == data["arch"]
+
+    # eval prints JSON metrics
+    assert main(["eval", str(run_dir / "pruned_ft.pt"), "--config", str(config)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"test_top1", "test_top5", "macs", "params", "latency_ms"} <= set(metrics)
+    assert metrics["test_top1"] > 0.8
+
+
+def test_export_onnx_runs_in_a_fresh_process(demo_raw, tmp_path, capsys):
+    demo_raw["search"]["episodes"] = 3
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    assert main(["search", str(config)]) == 0
+    run_dir = Path(demo_raw["search"]["run_dir"])
+    onnx_path = tmp_path / "pruned.onnx"
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "p.pt"), "--onnx", str(onnx_path)]) == 0
+    capsys.readouterr()
+    check = (
+        "import numpy as np, onnxruntime as ort, torch, amc\n"
+        f"s = ort.InferenceSession({str(onnx_path)!r})\n"
+        "x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)\n"
+        "y = s.run(None, {'input': x})[0]\n"
+        f"ref = amc.load_pruned({str(tmp_path / 'p.pt')!r})(torch.from_numpy(x)).detach().numpy()\n"
+        "assert y.shape == (3, 10), y.shape\n"
+        "assert np.allclose(y, ref, atol=1e-4)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=ENV)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_finetune_with_distillation(demo_raw, tmp_path, capsys):
+    demo_raw["search"]["episodes"] = 2
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    assert main(["search", str(config)]) == 0
+    run_dir = Path(demo_raw["search"]["run_dir"])
+    assert main(["export", str(run_dir)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "tuned.pt"
+    assert main(["finetune", str(run_dir / "pruned.pt"), "--config", str(config), "--epochs", "2",
+                 "--distill", "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    tuned = amc.load_pruned(out)
+    assert result["macs"] == count_macs(tuned, (1, 1, 8, 8))
+    assert result["test_top1"] > 0.8
+
+
+def test_script_wrappers_accept_config_flag(demo_raw, tmp_path):
+    demo_raw["search"]["episodes"] = 2
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "search.py"), "--config", str(config)],
+                            capture_output=True, text=True, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["episode"] in (0, 1)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["info", "missing.yaml"], "missing.yaml: config file not found"),
+    (["eval", "nope.pt", "--config", "configs/demo_digits.yaml"], "nope.pt: checkpoint not found"),
+    (["search", "--resume", "no_such_run"], "no_such_run: no search to resume here"),
+    (["train", "configs/demo_digits.yaml", "--epochs", "0"], "--epochs: must be a positive integer"),
+    (["info", "configs/demo_digits.yaml", "--set", "model.name=resnet999"], "unknown model"),
+    (["info", "configs/demo_digits.yaml", "--set", "model.name=no_such_pkg.mod:factory"], "no_such_pkg"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, expected):
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("amc: error: ")
+    assert expected in lines[0]
