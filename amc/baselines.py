@@ -68,7 +68,7 @@ def global_policy(units, step, cost, budget, lbound) -> list[int]:
 
 def random_search(cfg: Config, workspace: Workspace) -> list[int]:
     env = workspace.env()
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.seed if cfg.agent.seed is None else cfg.agent.seed)
     best_reward, best_keep = -np.inf, None
     for _ in range(cfg.search.episodes):
         env.reset()

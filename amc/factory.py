@@ -75,8 +75,12 @@ class Workspace:
         return model_spec(m.name, self.data_shape[1], self.data_shape[0], m.kwargs)
 
     def new_model(self) -> nn.Module:
+        """The config's architecture, freshly initialised; a bad name or kwargs names the config."""
         m = self.cfg.model
-        return build_model(m.name, self.data_shape[1], self.data_shape[0], m.kwargs)
+        try:
+            return build_model(m.name, self.data_shape[1], self.data_shape[0], m.kwargs)
+        except UserError as exc:
+            raise UserError(str(exc), where=self.cfg.source, field="model") from None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -89,6 +93,7 @@ class Workspace:
         if not path.is_file():
             raise UserError(f"trained base model not found; run `amc train {self.cfg.source}` first",
                             where=str(path))
+        self.new_model()  # a bad model name or import path is the config's fault, not the checkpoint's
         model, data = load_model(path, (BASE_FORMAT,))
         if data["spec"] != self.spec:
             raise UserError(f"holds a {data['spec']['name']} model for {data['spec']['num_classes']} classes, "

@@ -30,6 +30,7 @@ import bisect
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,8 +185,11 @@ class LatencyModel:
         if loaded is not None:
             return loaded
         latency = cls.measure(model, graph, input_shape, cfg)
-        latency.save(path, key, {"spec": spec, "input_shape": list(input_shape), "device": device.type,
-                                 "torch": torch.__version__, **cfg.model_dump()})
+        try:
+            latency.save(path, key, {"spec": spec, "input_shape": list(input_shape), "device": device.type,
+                                     "torch": torch.__version__, **cfg.model_dump()})
+        except OSError as exc:  # a read-only home must not stop the search; it only costs a re-measure
+            warnings.warn(f"latency table not cached ({path}: {exc.strerror or exc})")
         return latency
 
     def save(self, path: Path, key: str, meta: dict[str, Any]) -> None:

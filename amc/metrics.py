@@ -74,13 +74,15 @@ def measure_latency(
 
 @torch.inference_mode()
 def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (fractions in [0, 1]) over ``batches``."""
+    """Top-1 and top-5 accuracy (fractions in [0, 1]) over ``batches``; NaN if any logit is not finite."""
     model = model.eval()
     device = next(model.parameters()).device
     correct1 = correct5 = seen = 0
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
+        if not torch.isfinite(logits).all():
+            return {"top1": float("nan"), "top5": float("nan")}
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(y[:, None])
         correct1 += int(hits[:, 0].sum())

@@ -35,7 +35,7 @@ BEST_FILE = "best_policy.json"
 AGENT_FILE = "agent.pt"
 MIN_FREE_BYTES = 64 * 2**20
 METRIC_COLUMNS = ["episode", "reward", "error", "cost_ratio", "macs_ratio", "params_ratio", "latency_ms_ratio",
-                  "sigma", "seconds"]
+                  "sigma", "seconds", "calibrate_seconds", "eval_seconds"]
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -111,7 +111,6 @@ def _format(value) -> str:
 
 def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
     """Run (or continue) the search to ``cfg.search.episodes`` episodes; return the best policy."""
-    check_writable(run_dir)
     config_path, csv_path, agent_path = run_dir / CONFIG_FILE, run_dir / EPISODES_FILE, run_dir / AGENT_FILE
     if not resume and agent_path.exists():
         old = read_yaml(config_path) if config_path.is_file() else {}
@@ -121,8 +120,11 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
 
     seed_everything(cfg.seed)
     workspace = Workspace(cfg)
-    env = workspace.env()
-    agent = AMCDDPG(env, cfg.agent, env.num_units, seed=cfg.seed, device=str(workspace.device))
+    env = workspace.env()  # every input problem (model, data, budget) surfaces here, before any file is written
+    check_writable(run_dir)
+    agent_seed = cfg.seed if cfg.agent.seed is None else cfg.agent.seed  # the data split keeps cfg.seed
+    seed_everything(agent_seed)
+    agent = AMCDDPG(env, cfg.agent, env.num_units, seed=agent_seed, device=str(workspace.device))
     header = METRIC_COLUMNS + env.space.names
     start, best = 0, None
     if resume and agent_path.is_file():  # killed before the first episode ended: start over
@@ -154,10 +156,13 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
                 agent.learn_episode()
 
             ratios = info.get("ratios", [None] * env.num_units)
+            timings = info.get("timings", {})
             metrics = {"episode": episode, "reward": reward, "error": info.get("error", 1.0),
                        "cost_ratio": info.get("cost_ratio"), "macs_ratio": info.get("macs_ratio"),
                        "params_ratio": info.get("params_ratio"), "latency_ms_ratio": info.get("latency_ms_ratio"),
-                       "sigma": agent.noise.sigma, "seconds": time.perf_counter() - began}
+                       "sigma": agent.noise.sigma, "seconds": time.perf_counter() - began,
+                       "calibrate_seconds": timings.get("calibrate", 0.0) + timings.get("reconstruct", 0.0),
+                       "eval_seconds": timings.get("eval", 0.0)}
             _append_row(csv_path, [_format(metrics[c]) for c in METRIC_COLUMNS] + [_format(r) for r in ratios])
             for name in ("reward", "error", "cost_ratio"):
                 if metrics[name] is not None:

@@ -21,7 +21,7 @@ from conftest import ROOT, write_config
 
 def rows(run_dir: Path) -> list[dict]:
     with open(run_dir / "episodes.csv", newline="") as f:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+        return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in csv.DictReader(f)]
 
 
 def test_search_writes_the_run_directory(demo_cfg, tmp_path):

@@ -1,0 +1,131 @@
+"""Benchmark AMC against the rule-based baselines on one config: does the search earn its cost?
+
+Every method prunes the same trained base model to the same target, goes through the same
+export path (least squares + BN re-estimation), is measured before fine-tuning on the
+reward-val subset, fine-tuned for the same epochs and measured on the test split. Seeds vary
+the agent and the random search only: the data split (and so the base model's training set)
+stays the one the base model was trained with.
+
+    python scripts/benchmark.py --config configs/resnet20_fmnist.yaml --targets 0.5 0.25 \\
+        --seeds 0 1 --out docs/results/resnet20_fmnist
+
+writes OUT/results.json (one record per method x target x seed) and OUT/results.md (mean and
+standard deviation over seeds), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from amc.baselines import baseline_policy
+from amc.checkpoint import atomic_write_json, atomic_write_text
+from amc.config import apply_overrides, config_from_dict, read_yaml
+from amc.export import measure, prune_policy
+from amc.factory import Workspace, seed_everything
+from amc.report import table
+from amc.search import read_episodes, search
+from amc.train import fit
+
+METHODS = ("amc", "uniform", "random", "global")
+
+
+def configure(args, target: float, seed: int, out: Path):
+    raw = apply_overrides(read_yaml(args.config), args.overrides + [
+        f"search.target={target}", f"agent.seed={seed}", f"search.run_dir={out / f'runs/t{target}_s{seed}'}"])
+    if args.episodes:
+        raw["search"]["episodes"] = args.episodes
+    return config_from_dict(raw, source=args.config)
+
+
+def policy_for(method: str, cfg, workspace: Workspace, run_dir: Path) -> tuple[list[int], float, dict]:
+    """(keep counts, search seconds, per-episode cost split) of one method."""
+    started = time.perf_counter()
+    if method == "amc":
+        resume = (run_dir / "agent.pt").is_file()
+        best = search(cfg, run_dir, resume=resume, progress=False)
+        rows = read_episodes(run_dir)
+        seconds = sum(r["seconds"] for r in rows)
+        scoring = sum(r["eval_seconds"] + r["calibrate_seconds"] for r in rows)
+        return best["keep"], seconds, {"episodes": len(rows), "seconds_per_episode": seconds / len(rows),
+                                       "eval_share": sum(r["eval_seconds"] for r in rows) / seconds,
+                                       "scoring_share": scoring / seconds}
+    keep = baseline_policy(cfg, method, workspace)
+    return keep, time.perf_counter() - started, {}
+
+
+def evaluate(method: str, cfg, keep: list[int], workspace: Workspace, epochs: int) -> dict:
+    model, _ = prune_policy(workspace, keep)
+    before = measure(model, workspace, splits=("reward_val",))
+    f = cfg.finetune
+    seed_everything(cfg.agent.seed)
+    fit(model, workspace.loader("train", shuffle=True), epochs, f.lr, f.momentum, f.weight_decay, progress=False)
+    after = measure(model, workspace, splits=("test",))
+    return {"macs": before["macs"], "params": before["params"], "latency_ms": after["latency_ms"],
+            "reward_val_top1_before_ft": before["reward_val_top1"], "test_top1_after_ft": after["test_top1"]}
+
+
+def summarize(records: list[dict]) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["target"], r["method"]), []).append(r)
+
+    def stat(values, scale=1.0, digits=2):
+        values = [v * scale for v in values]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+    rows = []
+    for (target, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], METHODS.index(kv[0][1]))):
+        rows.append([method, target, f"{statistics.mean(r['macs'] for r in rs) / 1e6:.2f}M",
+                     f"{statistics.mean(r['params'] for r in rs) / 1e3:.1f}K",
+                     stat([r["latency_ms"] for r in rs]),
+                     stat([r["reward_val_top1_before_ft"] for r in rs], 100),
+                     stat([r["test_top1_after_ft"] for r in rs], 100),
+                     stat([r["search_seconds"] for r in rs], digits=0), len(rs)])
+    return table(["method", "target", "MACs", "params", "latency (ms)", "reward-val top-1 before FT (%)",
+                  "test top-1 after FT (%)", "search (s)", "seeds"], rows, markdown=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--targets", type=float, nargs="+", default=[0.5])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ("deep", "shallow"))
+    p.add_argument("--episodes", type=int, help="search episodes (AMC and random search alike)")
+    p.add_argument("--finetune-epochs", type=int, help="default: the config's finetune.epochs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+
+    results_path = args.out / "results.json"
+    records = json.loads(results_path.read_text()) if results_path.is_file() else []
+    done = {(r["method"], r["target"], r["seed"]) for r in records}
+    for target in args.targets:
+        for seed in args.seeds:
+            cfg = configure(args, target, seed, args.out)
+            workspace = Workspace(cfg)
+            epochs = cfg.finetune.epochs if args.finetune_epochs is None else args.finetune_epochs
+            for method in args.methods:
+                if (method, target, seed) in done:
+                    continue
+                keep, seconds, extra = policy_for(method, cfg, workspace, Path(cfg.search.run_dir))
+                record = {"method": method, "target": target, "seed": seed, "keep": keep,
+                          "search_seconds": seconds, "finetune_epochs": epochs, **extra,
+                          **evaluate(method, cfg, keep, workspace, epochs)}
+                records.append(record)
+                atomic_write_json(results_path, records)
+                print(json.dumps({k: v for k, v in record.items() if k != "keep"}), flush=True)
+    markdown = summarize(records)
+    atomic_write_text(args.out / "results.md", markdown + "\n")
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
