@@ -104,5 +104,5 @@ def run_baseline(cfg: Config, method: str, out: Path | None = None) -> tuple[Pat
     model, plan = prune_policy(workspace, keep)
     metrics = measure(model, workspace)
     out = out or run_dir_for(cfg) / f"baseline_{method}.pt"
-    save_pruned(out, workspace, model, plan, {**metrics, "keep": keep})
+    save_pruned(out, workspace.spec, workspace.input_shape, model, plan, {**metrics, "keep": keep})
     return out, metrics

@@ -50,9 +50,11 @@ def prune_policy(workspace: Workspace, keep: list[int], refit: bool = True) -> t
     return pruned.eval(), plan
 
 
-def save_pruned(path: str | Path, workspace: Workspace, model: nn.Module, plan: dict, metrics: dict) -> None:
+def save_pruned(path: str | Path, spec: dict, input_shape: tuple[int, ...], model: nn.Module, plan: dict,
+                metrics: dict) -> None:
+    """Write a pruned checkpoint: architecture spec, plan, weights and metrics (plain data only)."""
     save_checkpoint(path, PRUNED_FORMAT, {
-        "arch": workspace.spec, "input_shape": list(workspace.input_shape), "plan": plan,
+        "arch": spec, "input_shape": list(input_shape), "plan": plan,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "metrics": metrics,
     })
 

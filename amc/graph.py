@@ -10,6 +10,7 @@ policy can be replayed on any copy of the model without tracing it again.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -192,6 +193,12 @@ def find_units(
         root = layers[producing[0]]
         residual = len(producers) > 1
         if residual and not prune_residual:
+            skipped.append(root.name)
+            continue
+        grouped = sorted({m.module for m in members if m.module in layers
+                          and layers[m.module].groups > 1 and not layers[m.module].depthwise})
+        if grouped:  # channel surgery and the cost model assume dense or depthwise convs
+            warnings.warn(f"left unpruned: unit {root.name} touches grouped convs {', '.join(grouped)}")
             skipped.append(root.name)
             continue
         importance = _group_importance(group)

@@ -75,7 +75,7 @@ def export_run(run_dir: Path, policy: str = "best", out: Path | None = None, onn
     model, plan = prune_policy(ws, [int(k) for k in chosen["keep"]])
     metrics = measure(model, ws)
     out = out or run_dir / "pruned.pt"
-    save_pruned(out, ws, model, plan, metrics)
+    save_pruned(out, ws.spec, ws.input_shape, model, plan, metrics)
     if onnx:
         export_onnx(model, ws.input_shape, onnx)
     rows = read_episodes(run_dir)
@@ -105,7 +105,7 @@ def finetune(path: Path, cfg: Config, epochs: int | None = None, distill: bool |
         desc="finetune", progress=progress, masks=masks)
     metrics = measure(model, ws)
     out = out or path.with_name(path.stem + "_ft.pt")
-    save_pruned(out, ws, model, data["plan"], metrics)
+    save_pruned(out, ws.spec, ws.input_shape, model, data["plan"], metrics)
     return out, metrics
 
 

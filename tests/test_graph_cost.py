@@ -244,3 +244,21 @@ def test_impossible_budget_names_the_smallest_reachable_target():
     assert cost.macs(keep) <= reachable * cost.total_macs
     with pytest.raises(UserError, match="smallest reachable target"):
         make_env(model, shape, target=reachable - 1e-3)
+
+
+def test_grouped_convs_are_left_unpruned_with_a_warning():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval()
+    with pytest.warns(UserWarning, match=r"grouped convs 3"):
+        graph = find_units(model, (1, 3, 8, 8))
+    assert [u.name for u in graph.units] == ["6"]
+    assert set(graph.skipped) == {"0", "3"}
+    space = ChannelSpace(model, graph)
+    keep = [5]
+    pruned = prune_channels(model, graph, keep)
+    assert pruned(torch.zeros(1, 3, 8, 8)).shape == (1, 10)
+    assert count_macs(pruned, (1, 3, 8, 8)) == space.cost_model.macs(keep)
