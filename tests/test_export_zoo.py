@@ -20,6 +20,10 @@ from amc.models import ZOO, build_model, model_spec
 from amc.scoring import Scorer
 from amc.spaces import ChannelSpace
 
+# resnet32 / resnet56 come from the resnet20 builder at other depths: their ONNX export (slow
+# with the torch.export-based exporter) adds time and no coverage. Every model is still
+# exported to a checkpoint and rebuilt with amc.load_pruned.
+NO_ONNX = {"resnet32", "resnet56"}
 SHAPES = {"demo_cnn": (1, 1, 8, 8), "branchy_cnn": (1, 3, 16, 16)}
 KWARGS = {"mobilenet_v1": {"cifar": True, "width_mult": 0.5}}
 
@@ -50,7 +54,8 @@ def test_every_zoo_model_exports_loads_and_runs_onnx(tmp_path):
         pruned = space.apply(copy.deepcopy(model), keep)
         path = tmp_path / f"{name}.pt"
         save_pruned(path, model_spec(name, 10, shape[1], kwargs), shape, pruned, space.plan(model, keep), {})
-        export_onnx(pruned, shape, tmp_path / f"{name}.onnx")
+        if name not in NO_ONNX:
+            export_onnx(pruned, shape, tmp_path / f"{name}.onnx")
         manifest.append({"name": name, "shape": list(shape), "macs": predicted_macs,
                          "params": space.cost_model.params(keep), "total_macs": space.cost_model.total_macs})
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
@@ -65,13 +70,16 @@ for entry in json.load(open(root + '/manifest.json')):
     assert count_macs(model, shape) == entry['macs'], entry['name']
     assert count_params(model) == entry['params'], entry['name']
     assert entry['macs'] <= 0.5 * entry['total_macs']
+    print(entry['name'], 'ok')
+    if entry['name'] in {sorted(NO_ONNX)!r}:
+        continue
     x = np.random.default_rng(0).standard_normal((2, *shape[1:])).astype(np.float32)
     y = ort.InferenceSession(f"{{root}}/{{entry['name']}}.onnx").run(None, {{'input': x}})[0]
     ref = model(torch.from_numpy(x)).detach().numpy()
     assert y.shape == (2, 10) and np.allclose(y, ref, atol=1e-3), entry['name']
-    print(entry['name'], 'ok')
+    print(entry['name'], 'onnx ok')
 """
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count(" ok") == len(ZOO), result.stdout
+    assert result.stdout.count(" ok") == 2 * len(ZOO) - len(NO_ONNX), result.stdout

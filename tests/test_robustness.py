@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from amc.checkpoint import load_checkpoint, save_checkpoint
+from amc.cli import main
 from amc.errors import UserError
 from amc.factory import Workspace
 from conftest import write_config
@@ -29,9 +30,23 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "amc.cli", *args], capture_output=True, text=True,
-                          cwd=tmp_path, env=ENV)
+@pytest.fixture
+def cli(tmp_path, capsys, monkeypatch):
+    """The real CLI entry point, in process (a subprocess adds seconds of imports per call)."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(_cwd: Path, *args: str) -> subprocess.CompletedProcess:
+        code = main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
+
+
+def test_the_process_exits_2_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "amc.cli", "info", str(tmp_path / "nope.yaml")],
+                            capture_output=True, text=True, cwd=tmp_path, env=ENV)
+    assert_user_error(result, "nope.yaml: config file not found")
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> str:
@@ -56,7 +71,7 @@ BAD_CONFIGS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
-def test_bad_config_is_refused_and_nothing_is_written(demo_raw, tmp_path, case):
+def test_bad_config_is_refused_and_nothing_is_written(demo_raw, tmp_path, case, cli):
     mutate, needles = BAD_CONFIGS[case]
     mutate(demo_raw)
     config = write_config(tmp_path / "bad.yaml", demo_raw)
@@ -67,7 +82,7 @@ def test_bad_config_is_refused_and_nothing_is_written(demo_raw, tmp_path, case):
     assert snapshot(tmp_path) == before
 
 
-def test_empty_dataset_root(demo_raw, tmp_path):
+def test_empty_dataset_root(demo_raw, tmp_path, cli):
     (tmp_path / "empty").mkdir()
     demo_raw["data"].update(name="fashion_mnist", root=str(tmp_path / "empty"), input_size=32)
     demo_raw["model"]["name"] = "resnet20"
@@ -77,7 +92,7 @@ def test_empty_dataset_root(demo_raw, tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_impossible_budget_names_the_smallest_reachable_target(demo_raw, tmp_path):
+def test_impossible_budget_names_the_smallest_reachable_target(demo_raw, tmp_path, cli):
     demo_raw["search"]["target"] = 0.01
     config = write_config(tmp_path / "bad.yaml", demo_raw)
     before = snapshot(tmp_path)
@@ -90,7 +105,7 @@ def test_impossible_budget_names_the_smallest_reachable_target(demo_raw, tmp_pat
     assert ok.returncode == 0, ok.stderr
 
 
-def test_unwritable_run_directory_fails_at_start(demo_raw, tmp_path):
+def test_unwritable_run_directory_fails_at_start(demo_raw, tmp_path, cli):
     (tmp_path / "a_file").write_text("not a directory")
     demo_raw["search"]["run_dir"] = str(tmp_path / "a_file" / "run")
     config = write_config(tmp_path / "demo.yaml", demo_raw)
@@ -98,7 +113,7 @@ def test_unwritable_run_directory_fails_at_start(demo_raw, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "foreign", "newer", "wrong kind"])
-def test_damaged_checkpoints_are_refused(demo_raw, tmp_path, damage):
+def test_damaged_checkpoints_are_refused(demo_raw, tmp_path, damage, cli):
     config = write_config(tmp_path / "demo.yaml", demo_raw)
     base = Path(demo_raw["model"]["checkpoint"])
     path = tmp_path / "ckpt.pt"
