@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from amc.checkpoint import BASE_FORMAT, PRUNED_FORMAT, load_checkpoint, load_model, save_checkpoint
+from amc.checkpoint import BASE_FORMAT, PRUNED_FORMAT, load_model, save_checkpoint
 from amc.config import Config, run_dir_for
 from amc.errors import UserError
 from amc.export import export_onnx, measure, prune_policy, save_pruned
@@ -91,15 +91,14 @@ def finetune(path: Path, cfg: Config, epochs: int | None = None, distill: bool |
     """Train a pruned checkpoint on the config's data; optionally distil from the base model."""
     seed_everything(cfg.seed)
     ws = Workspace(cfg)
-    data = load_checkpoint(path, PRUNED_FORMAT)
-    model, _ = load_model(path, (PRUNED_FORMAT,))
+    model, data = load_model(path, (PRUNED_FORMAT,))
     model.to(ws.device)
     f = cfg.finetune
     use_distill = f.distill if distill is None else distill
     teacher = ws.base_model if use_distill else None
     masks = None
     if data["plan"].get("kind") == "fine_grained":
-        masks = {n: (t != 0) for n, t in data["state_dict"].items() if n.endswith("weight") and t.dim() > 1}
+        masks = {n: (p != 0) for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
     fit(model, ws.loader("train", shuffle=True), f.epochs if epochs is None else epochs, f.lr, f.momentum,
         f.weight_decay, teacher=teacher, temperature=f.temperature, distill_weight=f.distill_weight,
         desc="finetune", progress=progress, masks=masks)

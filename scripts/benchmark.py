@@ -27,7 +27,7 @@ from amc.checkpoint import atomic_write_json, atomic_write_text
 from amc.config import apply_overrides, config_from_dict, read_yaml
 from amc.export import measure, prune_policy
 from amc.factory import Workspace, seed_everything
-from amc.report import table
+from amc.report import plot_policy, table
 from amc.search import read_episodes, search
 from amc.train import fit
 
@@ -48,6 +48,7 @@ def policy_for(method: str, cfg, workspace: Workspace, run_dir: Path) -> tuple[l
     if method == "amc":
         resume = (run_dir / "agent.pt").is_file()
         best = search(cfg, run_dir, resume=resume, progress=False)
+        plot_policy(best, run_dir.parent.parent / f"best_policy_t{cfg.search.target}_s{cfg.agent.seed}.png")
         rows = read_episodes(run_dir)
         seconds = sum(r["seconds"] for r in rows)
         scoring = sum(r["eval_seconds"] + r["calibrate_seconds"] for r in rows)

@@ -115,3 +115,17 @@ def test_bad_input_is_one_line_and_exit_2(args, expected):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("amc: error: ")
     assert expected in lines[0]
+
+
+def test_fine_grained_export_and_finetune_keep_the_zeros(demo_raw, tmp_path, capsys):
+    demo_raw["search"].update(mode="fine_grained", resource="params", target=0.3, episodes=3)
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    assert main(["search", str(config)]) == 0
+    run_dir = Path(demo_raw["search"]["run_dir"])
+    assert main(["export", str(run_dir)]) == 0
+    exported = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert exported["nonzero_params"] <= 0.3 * exported["params"] + 1
+    assert main(["finetune", str(run_dir / "pruned.pt"), "--config", str(config), "--epochs", "1"]) == 0
+    tuned = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert tuned["nonzero_params"] <= exported["nonzero_params"]
+    assert tuned["test_top1"] > 0.5
