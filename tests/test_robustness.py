@@ -155,3 +155,14 @@ def test_nan_in_evaluation_gets_the_worst_reward(demo_cfg):
         while not done:
             _, reward, done, _, info = env.step(np.array([0.5], dtype=np.float32))
     assert reward == env.worst_reward() and info["nonfinite"]
+
+
+def test_full_disk_fails_at_start(demo_raw, tmp_path, cli, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    assert_user_error(cli(tmp_path, "search", str(config)), "only 1 MiB free")
+    assert not (Path(demo_raw["search"]["run_dir"]) / "episodes.csv").exists()
