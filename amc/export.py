@@ -45,7 +45,7 @@ def prune_policy(workspace: Workspace, keep: list[int], refit: bool = True) -> t
     calib = [x.to(workspace.device) for x, _ in cached_batches(
         workspace.splits.train_eval, cfg.data.batch_size, limit=max(cfg.search.calib_batches, 1))]
     recalibrate_batchnorm(pruned, calib)
-    plan = space.plan(model, keep)
+    plan = space.plan(keep)
     plan["prune_residual"] = cfg.search.prune_residual
     return pruned.eval(), plan
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from amc.agents import AMCDDPG, rng_state, set_rng_state
 from amc.checkpoint import AGENT_FORMAT, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
-from amc.config import Config, config_from_dict, read_yaml
+from amc.config import Config, apply_overrides, config_from_dict, read_yaml
 from amc.errors import UserError
 from amc.factory import Workspace, seed_everything
 
@@ -73,8 +73,6 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config
     raw = read_yaml(path)
     cfg = config_from_dict(raw, source=str(path))
     if overrides:
-        from amc.config import apply_overrides
-
         changed = config_from_dict(apply_overrides(cfg.to_dict(), overrides), source=str(path))
         refuse_changes(cfg.to_dict(), changed.to_dict(), path)
         cfg = changed

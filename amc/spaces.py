@@ -32,7 +32,7 @@ class Space(Protocol):
     def cost(self, keep: Sequence[int]) -> float: ...
     def measures(self, keep: Sequence[int]) -> dict[str, float]: ...
     def apply(self, model: nn.Module, keep: Sequence[int]) -> nn.Module: ...
-    def plan(self, model: nn.Module, keep: Sequence[int]) -> dict: ...
+    def plan(self, keep: Sequence[int]) -> dict: ...
     def refit_layers(self, keep: Sequence[int]) -> dict[str, torch.Tensor | None]: ...
 
 
@@ -74,7 +74,7 @@ class ChannelSpace:
     def apply(self, model: nn.Module, keep: Sequence[int]) -> nn.Module:
         return prune_channels(model, self.graph, keep, inplace=True)
 
-    def plan(self, model: nn.Module, keep: Sequence[int]) -> dict:
+    def plan(self, keep: Sequence[int]) -> dict:
         return {"kind": self.kind, "channels": channel_plan(self.graph, keep)}
 
     def refit_layers(self, keep: Sequence[int]) -> dict[str, torch.Tensor | None]:
@@ -127,7 +127,7 @@ class FineGrainedSpace:
     def apply(self, model: nn.Module, keep: Sequence[int]) -> nn.Module:
         return apply_masks(model, fine_grained_masks(model, self.names, keep), inplace=True)
 
-    def plan(self, model: nn.Module, keep: Sequence[int]) -> dict:
+    def plan(self, keep: Sequence[int]) -> dict:
         return {"kind": self.kind, "density": {n: k / s for n, k, s in zip(self.names, keep, self.sizes)}}
 
     def refit_layers(self, keep: Sequence[int]) -> dict[str, torch.Tensor | None]:

@@ -53,7 +53,7 @@ def test_every_zoo_model_exports_loads_and_runs_onnx(tmp_path):
         assert predicted_macs <= 0.5 * space.cost_model.total_macs
         pruned = space.apply(copy.deepcopy(model), keep)
         path = tmp_path / f"{name}.pt"
-        save_pruned(path, model_spec(name, 10, shape[1], kwargs), shape, pruned, space.plan(model, keep), {})
+        save_pruned(path, model_spec(name, 10, shape[1], kwargs), shape, pruned, space.plan(keep), {})
         if name not in NO_ONNX:
             export_onnx(pruned, shape, tmp_path / f"{name}.onnx")
         manifest.append({"name": name, "shape": list(shape), "macs": predicted_macs,
