@@ -1,0 +1,27 @@
+"""Every baseline meets the budget and goes through the same export path (`amc baseline`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import amc
+from amc.cli import main
+from amc.metrics import count_macs
+from conftest import write_config
+
+
+@pytest.mark.parametrize("method", ["uniform", "random", "global", "deep", "shallow"])
+def test_baseline_meets_the_budget_and_exports(demo_raw, tmp_path, capsys, method):
+    demo_raw["search"]["episodes"] = 4  # random search: as many episodes as the search
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    out = tmp_path / f"{method}.pt"
+    assert main(["baseline", str(config), "--method", method, "--out", str(out)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    full = count_macs(amc.checkpoint.load_model(demo_raw["model"]["checkpoint"])[0], (1, 1, 8, 8))
+    pruned = amc.load_pruned(out)
+    assert count_macs(pruned, (1, 1, 8, 8)) == metrics["macs"] <= 0.5 * full
+    assert metrics["reward_val_top1"] > 0.5
+    if method in ("uniform", "deep", "shallow"):  # bisection: the largest such policy, so close to the budget
+        assert metrics["macs"] > 0.4 * full
