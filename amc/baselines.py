@@ -60,8 +60,7 @@ def global_policy(units, step, cost, budget, lbound) -> list[int]:
 
     def policy(knob: float) -> list[int]:  # knob 1: keep all; 0: cut everything under the top score
         threshold = (1.0 - knob) * top
-        return [max(f, keep_count(float((s >= threshold).sum()) / len(s), len(s), step) if (s >= threshold).any() else f)
-                for s, f in zip(scores, floors)]
+        return [max(f, keep_count(float((s >= threshold).mean()), len(s), step)) for s, f in zip(scores, floors)]
 
     return _largest_feasible(policy, cost, budget)
 

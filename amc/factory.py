@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from amc.checkpoint import BASE_FORMAT, load_model
+from amc.checkpoint import BASE_FORMAT, load_checkpoint, load_state
 from amc.config import Config, load_config
 from amc.data import DataSplits, data_shape, load_splits, make_loader
 from amc.errors import UserError
@@ -93,12 +93,13 @@ class Workspace:
         if not path.is_file():
             raise UserError(f"trained base model not found; run `amc train {self.cfg.source}` first",
                             where=str(path))
-        self.new_model()  # a bad model name or import path is the config's fault, not the checkpoint's
-        model, data = load_model(path, (BASE_FORMAT,))
+        model = self.new_model()  # a bad model name or import path is the config's fault, not the checkpoint's
+        data = load_checkpoint(path, BASE_FORMAT)
         if data["spec"] != self.spec:
             raise UserError(f"holds a {data['spec']['name']} model for {data['spec']['num_classes']} classes, "
                             f"the config asks for {self.spec['name']} with {self.spec['num_classes']}", where=str(path))
-        return model.to(self.device)
+        load_state(model, data["state_dict"], str(path))
+        return model.to(self.device).eval()
 
     def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None):
         dataset = getattr(self.splits, split)
