@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+from torch import nn
+
 from amc.checkpoint import BASE_FORMAT, PRUNED_FORMAT, load_model, save_checkpoint
 from amc.config import Config, run_dir_for
 from amc.errors import UserError
@@ -86,6 +88,19 @@ def export_run(run_dir: Path, policy: str = "best", out: Path | None = None, onn
     return out, metrics
 
 
+def finetune_model(model: nn.Module, ws: Workspace, kind: str, epochs: int | None = None,
+                   distill: bool | None = None, progress: bool = True) -> nn.Module:
+    """Fine-tune a pruned model in place as the config says; fine-grained zeros stay zero."""
+    f = ws.cfg.finetune
+    use_distill = f.distill if distill is None else distill
+    masks = None
+    if kind == "fine_grained":
+        masks = {n: (p != 0) for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
+    return fit(model, ws.loader("train", shuffle=True), f.epochs if epochs is None else epochs, f.lr, f.momentum,
+               f.weight_decay, teacher=ws.base_model if use_distill else None, temperature=f.temperature,
+               distill_weight=f.distill_weight, desc="finetune", progress=progress, masks=masks)
+
+
 def finetune(path: Path, cfg: Config, epochs: int | None = None, distill: bool | None = None,
              out: Path | None = None, progress: bool = True) -> tuple[Path, dict]:
     """Train a pruned checkpoint on the config's data; optionally distil from the base model."""
@@ -93,15 +108,7 @@ def finetune(path: Path, cfg: Config, epochs: int | None = None, distill: bool |
     ws = Workspace(cfg)
     model, data = load_model(path, (PRUNED_FORMAT,))
     model.to(ws.device)
-    f = cfg.finetune
-    use_distill = f.distill if distill is None else distill
-    teacher = ws.base_model if use_distill else None
-    masks = None
-    if data["plan"].get("kind") == "fine_grained":
-        masks = {n: (p != 0) for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
-    fit(model, ws.loader("train", shuffle=True), f.epochs if epochs is None else epochs, f.lr, f.momentum,
-        f.weight_decay, teacher=teacher, temperature=f.temperature, distill_weight=f.distill_weight,
-        desc="finetune", progress=progress, masks=masks)
+    finetune_model(model, ws, data["plan"].get("kind", "channel"), epochs, distill, progress)
     metrics = measure(model, ws)
     out = out or path.with_name(path.stem + "_ft.pt")
     save_pruned(out, ws.spec, ws.input_shape, model, data["plan"], metrics)

@@ -16,7 +16,9 @@ standard deviation over seeds), and prints the table.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import statistics
 import sys
 import time
@@ -27,11 +29,12 @@ from amc.checkpoint import atomic_write_json, atomic_write_text
 from amc.config import apply_overrides, config_from_dict, read_yaml
 from amc.export import measure, prune_policy
 from amc.factory import Workspace, seed_everything
+from amc.pipeline import finetune_model
 from amc.report import plot_policy, table
 from amc.search import read_episodes, search
-from amc.train import fit
 
 METHODS = ("amc", "uniform", "random", "global")
+HANDCRAFTED = ("deep", "shallow")
 
 
 def configure(args, target: float, seed: int, out: Path):
@@ -59,15 +62,36 @@ def policy_for(method: str, cfg, workspace: Workspace, run_dir: Path) -> tuple[l
     return keep, time.perf_counter() - started, {}
 
 
-def evaluate(method: str, cfg, keep: list[int], workspace: Workspace, epochs: int) -> dict:
-    model, _ = prune_policy(workspace, keep)
-    before = measure(model, workspace, splits=("reward_val",))
-    f = cfg.finetune
-    seed_everything(cfg.agent.seed)
-    fit(model, workspace.loader("train", shuffle=True), epochs, f.lr, f.momentum, f.weight_decay, progress=False)
-    after = measure(model, workspace, splits=("test",))
-    return {"macs": before["macs"], "params": before["params"], "latency_ms": after["latency_ms"],
-            "reward_val_top1_before_ft": before["reward_val_top1"], "test_top1_after_ft": after["test_top1"]}
+def evaluate(cfg, keep: list[int], workspace: Workspace, epochs: int) -> dict:
+    """Export ``keep``, measure it on reward-val and test, fine-tune it as users do, measure test again.
+
+    Test top-1 before fine-tuning is the unbiased view of the search: the search picked its best
+    policy on the reward-val subset, which flatters every searched method there.
+    """
+    model, plan = prune_policy(workspace, keep)
+    before = measure(model, workspace, splits=("reward_val", "test"))
+    after = before
+    if epochs:
+        seed_everything(cfg.agent.seed)
+        finetune_model(model, workspace, plan["kind"], epochs, progress=False)
+        after = measure(model, workspace, splits=("test",))
+    return {"macs": before["macs"], "params": before["params"], "nonzero_params": before["nonzero_params"],
+            "latency_ms": after["latency_ms"], "reward_val_top1_before_ft": before["reward_val_top1"],
+            "test_top1_before_ft": before["test_top1"], "test_top1_after_ft": after["test_top1"]}
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Add one record to the results file under a lock, so several benchmark processes can share it."""
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        atomic_write_json(path, read_records(path) + [record])
+    finally:
+        os.close(directory)
+
+
+def read_records(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def summarize(records: list[dict]) -> str:
@@ -81,15 +105,16 @@ def summarize(records: list[dict]) -> str:
         return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
     rows = []
-    for (target, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], METHODS.index(kv[0][1]))):
+    for (target, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], (METHODS + HANDCRAFTED).index(kv[0][1]))):
         rows.append([method, target, f"{statistics.mean(r['macs'] for r in rs) / 1e6:.2f}M",
-                     f"{statistics.mean(r['params'] for r in rs) / 1e3:.1f}K",
+                     f"{statistics.mean(r['nonzero_params'] for r in rs) / 1e3:.1f}K",
                      stat([r["latency_ms"] for r in rs]),
                      stat([r["reward_val_top1_before_ft"] for r in rs], 100),
+                     stat([r["test_top1_before_ft"] for r in rs], 100),
                      stat([r["test_top1_after_ft"] for r in rs], 100),
                      stat([r["search_seconds"] for r in rs], digits=0), len(rs)])
-    return table(["method", "target", "MACs", "params", "latency (ms)", "reward-val top-1 before FT (%)",
-                  "test top-1 after FT (%)", "search (s)", "seeds"], rows, markdown=True)
+    return table(["method", "target", "MACs", "non-zero params", "latency (ms)", "reward-val top-1 before FT (%)",
+                  "test top-1 before FT (%)", "test top-1 after FT (%)", "search (s)", "seeds"], rows, markdown=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--targets", type=float, nargs="+", default=[0.5])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ("deep", "shallow"))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + HANDCRAFTED)
     p.add_argument("--episodes", type=int, help="search episodes (AMC and random search alike)")
     p.add_argument("--finetune-epochs", type=int, help="default: the config's finetune.epochs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -105,24 +130,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     results_path = args.out / "results.json"
-    records = json.loads(results_path.read_text()) if results_path.is_file() else []
-    done = {(r["method"], r["target"], r["seed"]) for r in records}
+    args.out.mkdir(parents=True, exist_ok=True)
     for target in args.targets:
         for seed in args.seeds:
             cfg = configure(args, target, seed, args.out)
             workspace = Workspace(cfg)
             epochs = cfg.finetune.epochs if args.finetune_epochs is None else args.finetune_epochs
             for method in args.methods:
-                if (method, target, seed) in done:
+                if (method, target, seed) in {(r["method"], r["target"], r["seed"]) for r in read_records(results_path)}:
                     continue
                 keep, seconds, extra = policy_for(method, cfg, workspace, Path(cfg.search.run_dir))
                 record = {"method": method, "target": target, "seed": seed, "keep": keep,
                           "search_seconds": seconds, "finetune_epochs": epochs, **extra,
-                          **evaluate(method, cfg, keep, workspace, epochs)}
-                records.append(record)
-                atomic_write_json(results_path, records)
+                          **evaluate(cfg, keep, workspace, epochs)}
+                append_record(results_path, record)
                 print(json.dumps({k: v for k, v in record.items() if k != "keep"}), flush=True)
-    markdown = summarize(records)
+    markdown = summarize(read_records(results_path))
     atomic_write_text(args.out / "results.md", markdown + "\n")
     print(markdown)
     return 0

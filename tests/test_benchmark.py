@@ -1,0 +1,51 @@
+"""scripts/benchmark.py on the demo: every method meets the budget, records are complete, and
+runs split across processes (seeds here) share one results file and resume without repeats."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from amc.checkpoint import load_model
+from amc.metrics import count_macs
+from conftest import ROOT, write_config
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import benchmark  # noqa: E402
+
+
+def run(config: Path, out: Path, *extra: str) -> list[dict]:
+    assert benchmark.main(["--config", str(config), "--targets", "0.5", "--episodes", "3",
+                           "--set", "agent.warmup_episodes=2", "--out", str(out), *extra]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def test_benchmark_records_every_method_and_resumes(demo_raw, tmp_path):
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    out = tmp_path / "bench"
+    run(config, out, "--seeds", "0", "--methods", "amc", "uniform", "--finetune-epochs", "1")
+    records = run(config, out, "--seeds", "0", "1", "--methods", "amc", "uniform", "global", "--finetune-epochs", "1")
+
+    assert sorted((r["method"], r["seed"]) for r in records) == [
+        ("amc", 0), ("amc", 1), ("global", 0), ("global", 1), ("uniform", 0), ("uniform", 1)]
+    full = count_macs(load_model(demo_raw["model"]["checkpoint"])[0], (1, 1, 8, 8))
+    for r in records:
+        assert r["macs"] <= 0.5 * full
+        assert 0.5 < r["reward_val_top1_before_ft"] <= 1 and 0.5 < r["test_top1_before_ft"] <= 1
+        assert r["test_top1_after_ft"] > 0.5 and r["finetune_epochs"] == 1
+    amc_runs = [r for r in records if r["method"] == "amc"]
+    assert all(r["episodes"] == 3 and 0 < r["eval_share"] <= r["scoring_share"] <= 1 for r in amc_runs)
+    table = (out / "results.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["amc", "uniform", "global"]
+    assert "test top-1 before FT" in table
+    assert (out / "best_policy_t0.5_s1.png").is_file()
+
+
+def test_fine_grained_benchmark_keeps_the_density_through_fine_tuning(demo_raw, tmp_path):
+    demo_raw["search"].update(mode="fine_grained", resource="params")
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    records = run(config, tmp_path / "bench", "--seeds", "0", "--methods", "uniform", "--finetune-epochs", "1")
+    (uniform,) = records
+    assert uniform["nonzero_params"] <= 0.5 * uniform["params"]
+    assert uniform["test_top1_after_ft"] > 0.5
