@@ -20,22 +20,16 @@ import numpy as np
 from amc.config import Config, run_dir_for
 from amc.errors import UserError
 from amc.export import measure, prune_policy, save_pruned
+from amc.envs.budget import largest_feasible
 from amc.factory import Workspace, seed_everything
 from amc.pruning import keep_count
 
 
 def _largest_feasible(policy: Callable[[float], list[int]], cost: Callable[[list[int]], float], budget: float) -> list[int]:
-    """Bisection on a knob in [0, 1] for the largest policy whose cost meets the budget."""
-    low, high = 0.0, 1.0
-    if cost(policy(high)) <= budget:
-        return policy(high)
-    if cost(policy(low)) > budget:
-        raise UserError(f"even the smallest policy costs {cost(policy(low)):.4g} > budget {budget:.4g}",
+    if cost(policy(0.0)) > budget:
+        raise UserError(f"even the smallest policy costs {cost(policy(0.0)):.4g} > budget {budget:.4g}",
                         field="search.target")
-    for _ in range(50):
-        mid = (low + high) / 2
-        low, high = (mid, high) if cost(policy(mid)) <= budget else (low, mid)
-    return policy(low)
+    return largest_feasible(policy, cost, budget)
 
 
 def uniform_policy(sizes, step, cost, budget, lbound=0.0) -> list[int]:

@@ -67,6 +67,8 @@ class SearchConfig(Section):
     round_to: int = Field(1, gt=0)
     episodes: int = Field(300, gt=0)
     prune_residual: bool = False
+    fill_budget: bool = Field(True, description=(
+        "resource protocol: after the last unit, spread unused budget over the units (false: AMC's clipping only)"))
     calibration: Literal["bn", "lsq", "both", "none"] = "bn"
     calib_batches: int = Field(16, ge=0)
     reconstruct_samples: int = Field(

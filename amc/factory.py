@@ -144,7 +144,8 @@ class Workspace:
 
         s = self.cfg.search
         model = self.base_model
-        return PruningEnv(model, self.space(model), self.scorer(model), s.protocol, s.target, s.lbound, s.rbound)
+        return PruningEnv(model, self.space(model), self.scorer(model), s.protocol, s.target, s.lbound, s.rbound,
+                          s.fill_budget)
 
 
 def env_from_config(config: str | Path | Config, overrides: list[str] | None = None):

@@ -1,9 +1,14 @@
-"""Budget clipping for the resource-constrained protocol.
+"""Budget clipping and filling for the resource-constrained protocol.
 
-Before unit t is pruned, every later unit is assumed cut to its smallest keep count and every
-earlier unit keeps what it chose; unit t may keep at most the largest count that still meets
-the target. Costs are monotone in each keep count, so a bisection over the allowed counts
-finds it exactly, and every episode ends at or under the target.
+Clipping: before unit t is pruned, every later unit is assumed cut to its smallest keep count
+and every earlier unit keeps what it chose; unit t may keep at most the largest count that
+still meets the target. Costs are monotone in each keep count, so a bisection over the allowed
+counts finds it exactly, and every episode ends at or under the target.
+
+Filling: clipping only caps a policy, so an agent that cuts too much early ends under budget
+and is scored on a smaller network than the budget allows (seen on ResNet-20: 46% of the FLOPs
+for a 50% target). After the last unit, every unit grows by the same fraction of its headroom,
+the largest fraction that still fits: the agent's allocation is kept, the budget is spent.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from amc.pruning import keep_count
 
 
 def allowed_counts(size: int, step: int) -> np.ndarray:
@@ -37,3 +44,31 @@ def max_keep(
         else:
             high = mid
     return int(counts[low - 1]) if low else 0
+
+
+def largest_feasible(
+    policy: Callable[[float], list[int]], cost: Callable[[Sequence[int]], float], budget: float,
+) -> list[int]:
+    """``policy(knob)`` for the largest knob in [0, 1] whose cost meets the budget (bisection).
+
+    ``policy`` must grow with the knob and ``policy(0)`` must fit.
+    """
+    low, high = 0.0, 1.0
+    if cost(policy(high)) <= budget:
+        return policy(high)
+    for _ in range(50):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cost(policy(mid)) <= budget else (low, mid)
+    return policy(low)
+
+
+def fill_budget(
+    keep: Sequence[int], sizes: Sequence[int], ceiling: Sequence[int], step: int,
+    cost: Callable[[Sequence[int]], float], budget: float,
+) -> list[int]:
+    """Grow every unit by one shared fraction of its headroom (up to ``ceiling``) while the policy fits."""
+    def grown(fraction: float) -> list[int]:
+        return [min(c, max(k, keep_count((k + fraction * (c - k)) / s, s, step)))
+                for k, s, c in zip(keep, sizes, ceiling)]
+
+    return largest_feasible(grown, cost, budget) if cost(keep) <= budget else list(keep)

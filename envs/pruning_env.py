@@ -2,7 +2,8 @@
 
 The agent answers each unit's state with an action in [0, 1], mapped to a preserve ratio in
 [lbound, rbound] and rounded to the unit's allowed keep counts. Under the resource-constrained
-protocol the ratio is clipped so the episode can still end within budget. Steps cost nothing
+protocol the ratio is clipped so the episode can still end within budget, and after the last
+unit the unused budget is spread over the units (``fill``, see ``amc.envs.budget``). Steps cost nothing
 but arithmetic (the analytic cost model); the last step prunes a copy of the model, calibrates
 it, scores it on the reward-val subset and returns the episode's reward.
 """
@@ -18,7 +19,7 @@ import gymnasium as gym
 import numpy as np
 from torch import nn
 
-from amc.envs.budget import max_keep
+from amc.envs.budget import fill_budget, max_keep
 from amc.envs.rewards import REWARDS
 from amc.envs.state import FEATURES, observation, static_features
 from amc.errors import UserError
@@ -32,7 +33,7 @@ class PruningEnv(gym.Env):
 
     def __init__(
         self, model: nn.Module, space: Space, scorer: Scorer, protocol: str = "resource",
-        target: float = 0.5, lbound: float = 0.2, rbound: float = 1.0,
+        target: float = 0.5, lbound: float = 0.2, rbound: float = 1.0, fill: bool = True,
     ):
         if protocol not in REWARDS:
             raise ValueError(f"protocol must be one of {sorted(REWARDS)}, got {protocol!r}")
@@ -45,6 +46,7 @@ class PruningEnv(gym.Env):
         self.protocol = protocol
         self.reward_fn = REWARDS[protocol]
         self.lbound, self.rbound = lbound, rbound
+        self.fill = fill and protocol == "resource"
         self.full_cost = space.cost(space.sizes)
         self.budget = target * self.full_cost
         self.floor = [keep_count(lbound, size, space.step) for size in space.sizes]
@@ -98,6 +100,9 @@ class PruningEnv(gym.Env):
         self.keep.append(self.preserve_count(value))
         if len(self.keep) < self.num_units:
             return self._observation(), 0.0, False, False, {}
+        if self.fill:
+            self.keep = fill_budget(self.keep, self.space.sizes, self.ceiling, self.space.step,
+                                    self.space.cost, self.budget)
         reward, info = self.evaluate(self.keep)
         return self._observation(), reward, True, False, info
 

@@ -78,8 +78,8 @@ def test_check_env_and_gymnasium_make(demo_cfg):
     made.close()
 
 
-def test_observation_rewards_and_info_along_an_episode(demo_cfg):
-    env = env_from_config(demo_cfg)
+def test_observation_rewards_and_info_along_an_episode(demo_raw, tmp_path):
+    env = env_with(demo_raw, tmp_path, fill_budget=False)  # info["keep"]: the counts the agent chose
     n = env.num_units
     actions = [0.9, 0.1, 0.6, 0.3]
     observations, rewards, info = run_episode(env, actions)
@@ -100,8 +100,25 @@ def test_observation_rewards_and_info_along_an_episode(demo_cfg):
     assert rewards[-1] == -info["error"] and 0.0 <= info["error"] <= 1.0
     assert len(info["ratios"]) == n and all(0.0 < r <= 1.0 for r in info["ratios"])
     assert set(info["timings"]) == TIMING_KEYS and all(v >= 0.0 for v in info["timings"].values())
-    assert info["macs_ratio"] <= demo_cfg.search.target
+    assert info["macs_ratio"] <= 0.5
     print("error", info["error"], "ratios", info["ratios"], "macs_ratio", info["macs_ratio"])
+
+
+def test_unused_budget_is_spread_over_the_units(demo_raw, tmp_path):
+    clipped_only = env_with(demo_raw, tmp_path, "clip", fill_budget=False)
+    filled = env_with(demo_raw, tmp_path, "fill")
+    assert filled.fill and filled.budget == clipped_only.budget
+    for actions in ([0.0] * 4, [0.9, 0.1, 0.6, 0.3], [0.2, 0.0, 0.1, 0.0]):
+        *_, chosen = run_episode(clipped_only, actions)
+        *_, info = run_episode(filled, actions)
+        assert all(f >= c for f, c in zip(info["keep"], chosen["keep"]))
+        assert 0.45 < info["macs_ratio"] <= 0.5, (chosen["macs_ratio"], info["macs_ratio"])
+        pruned = filled.space.apply(copy.deepcopy(filled.model), info["keep"])
+        assert count_macs(pruned, INPUT_SHAPE) <= filled.budget
+    assert chosen["keep"] != info["keep"] and chosen["macs_ratio"] < 0.3  # low actions: most budget unused
+    accuracy_env = env_with(demo_raw, tmp_path, "accuracy", protocol="accuracy")
+    *_, info = run_episode(accuracy_env, [0.0] * 4)
+    assert info["keep"] == accuracy_env.floor  # no budget to fill
 
 
 def test_budget_holds_on_random_episodes(demo_cfg):
