@@ -49,3 +49,19 @@ def test_fine_grained_benchmark_keeps_the_density_through_fine_tuning(demo_raw, 
     (uniform,) = records
     assert uniform["nonzero_params"] <= 0.5 * uniform["params"]
     assert uniform["test_top1_after_ft"] > 0.5
+
+
+def test_rescore_measures_the_best_episodes_on_test(demo_raw, tmp_path, capsys):
+    import rescore
+
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    run(config, tmp_path / "bench", "--seeds", "0", "--methods", "amc", "--finetune-epochs", "0")
+    capsys.readouterr()
+    assert rescore.main([str(tmp_path / "bench" / "runs" / "t0.5_s0"), "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [r[0].strip() for r in rows][-1] == "uniform" and len(rows) == 3
+    for row in rows:
+        assert 50 < float(row[3]) <= 100 and 0 < float(row[4]) <= 0.5
+    assert "Spearman rank correlation" in out
+    assert rescore.main([str(tmp_path / "missing")]) == 2
