@@ -107,7 +107,7 @@ def summarize(records: list[dict]) -> str:
     rows = []
     for (target, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], (METHODS + HANDCRAFTED).index(kv[0][1]))):
         tuned = [r for r in rs if r["finetune_epochs"]]
-        rows.append([method, target, f"{statistics.mean(r['macs'] for r in rs) / 1e6:.2f}M",
+        rows.append([method, f"{target:.4g}", f"{statistics.mean(r['macs'] for r in rs) / 1e6:.2f}M",
                      f"{statistics.mean(r['nonzero_params'] for r in rs) / 1e3:.1f}K",
                      stat([r["latency_ms"] for r in rs]),
                      stat([r["reward_val_top1_before_ft"] for r in rs], 100),
