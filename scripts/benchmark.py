@@ -99,21 +99,22 @@ def summarize(records: list[dict]) -> str:
     for r in records:
         groups.setdefault((r["target"], r["method"]), []).append(r)
 
-    def stat(values, scale=1.0, digits=2):
-        values = [v * scale for v in values]
+    def stat(rs: list[dict], key: str, scale: float = 1.0, digits: int = 2) -> str:
+        """Mean (± standard deviation over seeds) of ``key``; "-" where no record has it."""
+        values = [r[key] * scale for r in rs if key in r]
+        if not values:
+            return "-"
         mean = f"{statistics.mean(values):.{digits}f}"
         return f"{mean} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
 
     rows = []
     for (target, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], (METHODS + HANDCRAFTED).index(kv[0][1]))):
-        tuned = [r for r in rs if r["finetune_epochs"]]
         rows.append([method, f"{target:.4g}", f"{statistics.mean(r['macs'] for r in rs) / 1e6:.2f}M",
-                     f"{statistics.mean(r['nonzero_params'] for r in rs) / 1e3:.1f}K",
-                     stat([r["latency_ms"] for r in rs]),
-                     stat([r["reward_val_top1_before_ft"] for r in rs], 100),
-                     stat([r["test_top1_before_ft"] for r in rs], 100),
-                     stat([r["test_top1_after_ft"] for r in tuned], 100) if tuned else "-",
-                     stat([r["search_seconds"] for r in rs], digits=0), len(rs)])
+                     f"{statistics.mean(r.get('nonzero_params', r['params']) for r in rs) / 1e3:.1f}K",
+                     stat(rs, "latency_ms"), stat(rs, "reward_val_top1_before_ft", 100),
+                     stat(rs, "test_top1_before_ft", 100),
+                     stat([r for r in rs if r["finetune_epochs"]], "test_top1_after_ft", 100),
+                     stat(rs, "search_seconds", digits=0), len(rs)])
     return table(["method", "target", "MACs", "non-zero params", "latency (ms)", "reward-val top-1 before FT (%)",
                   "test top-1 before FT (%)", "test top-1 after FT (%)", "search (s)", "seeds"], rows, markdown=True)
 
