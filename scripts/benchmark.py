@@ -29,6 +29,7 @@ from amc.checkpoint import atomic_write_json, atomic_write_text
 from amc.config import apply_overrides, config_from_dict, read_yaml
 from amc.export import measure, prune_policy
 from amc.factory import Workspace, seed_everything
+from amc.metrics import accuracy
 from amc.pipeline import finetune_model
 from amc.report import plot_policy, table
 from amc.search import read_episodes, search
@@ -70,14 +71,14 @@ def evaluate(cfg, keep: list[int], workspace: Workspace, epochs: int) -> dict:
     """
     model, plan = prune_policy(workspace, keep)
     before = measure(model, workspace, splits=("reward_val", "test"))
-    after = before
-    if epochs:
+    after = before["test_top1"]
+    if epochs:  # fine-tuning changes weights, not shape: only accuracy needs measuring again
         seed_everything(cfg.agent.seed)
         finetune_model(model, workspace, plan["kind"], epochs, progress=False)
-        after = measure(model, workspace, splits=("test",))
+        after = accuracy(model, workspace.loader("test"))["top1"]
     return {"macs": before["macs"], "params": before["params"], "nonzero_params": before["nonzero_params"],
-            "latency_ms": after["latency_ms"], "reward_val_top1_before_ft": before["reward_val_top1"],
-            "test_top1_before_ft": before["test_top1"], "test_top1_after_ft": after["test_top1"]}
+            "latency_ms": before["latency_ms"], "reward_val_top1_before_ft": before["reward_val_top1"],
+            "test_top1_before_ft": before["test_top1"], "test_top1_after_ft": after}
 
 
 def append_record(path: Path, record: dict) -> None:

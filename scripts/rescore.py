@@ -26,7 +26,7 @@ from amc.report import table
 from amc.search import load_run_config, read_episodes
 
 
-def top_policies(rows: list[dict], names: list[str], sizes: list[int], top: int) -> list[tuple[str, float, list[int]]]:
+def top_policies(rows: list[dict], names: list[str], sizes: list[int], top: int) -> list[tuple[str, float | None, list[int]]]:
     """(episode, search top-1, keep counts) of the ``top`` best episodes with distinct policies."""
     seen, best = set(), []
     for row in sorted((r for r in rows if not math.isnan(r["error"])), key=lambda r: r["error"]):
@@ -55,18 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    candidates.append(("uniform", None, baseline_policy(cfg, "uniform", workspace)))
     full = space.cost(space.sizes)
     rows, searched, tested = [], [], []
     for episode, search_top1, keep in candidates:
         m = measure(prune_policy(workspace, keep)[0], workspace, splits=("reward_val", "test"))
-        searched.append(m["reward_val_top1"])
-        tested.append(m["test_top1"])
-        rows.append([episode, f"{100 * search_top1:.2f}", f"{100 * m['reward_val_top1']:.2f}",
-                     f"{100 * m['test_top1']:.2f}", f"{space.cost(keep) / full:.3f}"])
-    keep = baseline_policy(cfg, "uniform", workspace)
-    m = measure(prune_policy(workspace, keep)[0], workspace, splits=("reward_val", "test"))
-    rows.append(["uniform", "-", f"{100 * m['reward_val_top1']:.2f}", f"{100 * m['test_top1']:.2f}",
-                 f"{space.cost(keep) / full:.3f}"])
+        if search_top1 is not None:  # the uniform reference stays out of the correlation
+            searched.append(m["reward_val_top1"])
+            tested.append(m["test_top1"])
+        rows.append([episode, "-" if search_top1 is None else f"{100 * search_top1:.2f}",
+                     f"{100 * m['reward_val_top1']:.2f}", f"{100 * m['test_top1']:.2f}",
+                     f"{space.cost(keep) / full:.3f}"])
     print(table(["episode", "search reward-val (%)", "export reward-val (%)", "export test (%)", "cost ratio"],
                 rows, markdown=True))
     print(f"\nSpearman rank correlation, reward-val vs test over the top {len(searched)}: "
