@@ -20,7 +20,8 @@ import numpy as np
 from amc.config import Config, run_dir_for
 from amc.errors import UserError
 from amc.export import measure, prune_policy, save_pruned
-from amc.envs.budget import largest_feasible
+from amc.budget import largest_feasible
+from amc.envs import run_episode
 from amc.factory import Workspace, seed_everything
 from amc.pruning import keep_count
 
@@ -64,10 +65,8 @@ def random_search(cfg: Config, workspace: Workspace) -> list[int]:
     rng = np.random.default_rng(cfg.seed if cfg.agent.seed is None else cfg.agent.seed)
     best_reward, best_keep = -np.inf, None
     for _ in range(cfg.search.episodes):
-        env.reset()
-        done = False
-        while not done:
-            _, reward, done, _, info = env.step(rng.uniform(0, 1, size=1).astype(np.float32))
+        played = run_episode(env, lambda obs: rng.uniform(0, 1, size=1).astype(np.float32))
+        reward, info = played.reward, played.info
         if "keep" in info and reward > best_reward:
             best_reward, best_keep = reward, info["keep"]
     return best_keep
@@ -82,12 +81,12 @@ def baseline_policy(cfg: Config, method: str, workspace: Workspace) -> list[int]
     space = workspace.space(workspace.base_model)
     budget = s.target * space.cost(space.sizes)
     if method == "uniform":
-        return uniform_policy(space.sizes, space.step, space.cost, budget, s.lbound)
+        return uniform_policy(space.sizes, space.round_to, space.cost, budget, s.lbound)
     if method in ("deep", "shallow"):
-        return depth_policy(space.sizes, space.step, space.cost, budget, s.lbound, deep=method == "deep")
+        return depth_policy(space.sizes, space.round_to, space.cost, budget, s.lbound, deep=method == "deep")
     if space.kind != "channel":
         raise UserError("the global baseline ranks channels: use search.mode: channel", field="search.mode")
-    return global_policy(space.graph.units, space.step, space.cost, budget, s.lbound)
+    return global_policy(space.graph.units, space.round_to, space.cost, budget, s.lbound)
 
 
 def run_baseline(cfg: Config, method: str, out: Path | None = None) -> tuple[Path, dict]:

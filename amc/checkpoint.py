@@ -9,10 +9,6 @@ weights.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +16,7 @@ import torch
 from torch import nn
 
 from amc.errors import UserError
+from amc.files import atomic_write
 from amc.graph import find_units
 from amc.models import build_from_spec
 from amc.pruning import apply_channel_plan
@@ -28,33 +25,6 @@ BASE_FORMAT = "amc-base"
 PRUNED_FORMAT = "amc-pruned"
 AGENT_FORMAT = "amc-agent"
 VERSIONS = {BASE_FORMAT: 1, PRUNED_FORMAT: 1, AGENT_FORMAT: 1}
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
-
-    A kill at any moment leaves either the old file or the new one, never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_checkpoint(path: str | Path, fmt: str, payload: dict[str, Any]) -> None:

@@ -19,13 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch import nn
 
-from amc.graph import LayerInfo, Member, PrunableGraph, Unit
-
-
-def _removed_table(unit: Unit, member: Member) -> np.ndarray:
-    """``table[k]`` = entries of ``member`` removed when ``unit`` keeps its top ``k`` channels."""
-    per_root = np.bincount(member.root_idxs, minlength=unit.channels)[unit.ranking]
-    return np.append(np.cumsum(per_root[::-1])[::-1], 0)
+from amc.graph import LayerInfo, PrunableGraph
 
 
 class CostModel:
@@ -41,7 +35,7 @@ class CostModel:
         self._channel_params: dict[str, tuple[int, int]] = {}
         for unit in graph.units:
             for member in unit.members:
-                self._shrinks[(member.module, member.dim)].append((unit.index, _removed_table(unit, member)))
+                self._shrinks[(member.module, member.dim)].append((unit.index, unit.removed_count_table(member)))
                 if member.module not in graph.layers:
                     counts = _params_per_channel(modules[member.module])
                     if counts:

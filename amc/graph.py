@@ -40,6 +40,10 @@ class Member:
             return "out"
         return "out" if self.method == "prune_out_channels" else "in"
 
+    def entries_of(self, roots: np.ndarray) -> np.ndarray:
+        """This member's own indices that belong to the given root channels."""
+        return self.idxs[np.isin(self.root_idxs, roots)]
+
 
 @dataclass
 class LayerInfo:
@@ -86,6 +90,18 @@ class Unit:
     def kept_channels(self, keep: int) -> np.ndarray:
         """The ``keep`` most important root channels, in ascending order."""
         return np.sort(self.ranking[:keep])
+
+    def removed_channels(self, keep: int) -> np.ndarray:
+        """The root channels a keep count removes: all but the ``keep`` most important."""
+        return self.ranking[keep:]
+
+    def removed_count_table(self, member: Member) -> np.ndarray:
+        """``table[k]`` = entries of ``member`` removed when the unit keeps ``k`` channels.
+
+        The closed form of ``len(member.entries_of(self.removed_channels(k)))`` for every k.
+        """
+        per_root = np.bincount(member.root_idxs, minlength=self.channels)[self.ranking]
+        return np.append(np.cumsum(per_root[::-1])[::-1], 0)
 
 
 @dataclass

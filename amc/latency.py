@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from amc.checkpoint import atomic_write_json
+from amc.files import atomic_write_json
 from amc.config import LatencyConfig
 from amc.cost import CostModel
 from amc.graph import LayerInfo, PrunableGraph

@@ -55,9 +55,8 @@ def apply_channel_plan(
         unit = units[name]
         removed_roots = np.setdiff1d(np.arange(unit.channels), np.asarray(kept, dtype=np.int64))
         for member in unit.members:
-            idxs = member.idxs[np.isin(member.root_idxs, removed_roots)]
             entry = removals.setdefault((member.module, member.dim), (member.pruner, member.method, set()))
-            entry[2].update(idxs.tolist())
+            entry[2].update(member.entries_of(removed_roots).tolist())
     for (module_name, _), (pruner, method, idxs) in removals.items():
         if idxs:
             getattr(pruner, method)(modules[module_name], sorted(idxs))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from amc.checkpoint import atomic_write
+from amc.files import atomic_write
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence], markdown: bool = False) -> str:

@@ -24,10 +24,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from amc.agents import AMCDDPG, rng_state, set_rng_state
-from amc.checkpoint import AGENT_FORMAT, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from amc.checkpoint import AGENT_FORMAT, load_checkpoint, save_checkpoint
 from amc.config import Config, apply_overrides, config_from_dict, read_yaml
+from amc.envs import run_episode
 from amc.errors import UserError
 from amc.factory import Workspace, seed_everything
+from amc.files import atomic_write_json, atomic_write_text
 
 CONFIG_FILE = "config.yaml"
 EPISODES_FILE = "episodes.csv"
@@ -142,13 +144,10 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
         for episode in range(start, total):
             began = time.perf_counter()
             warmup = episode < cfg.agent.warmup_episodes
-            obs, _ = env.reset()
-            done = False
-            while not done:
-                action = agent.act(obs, warmup)
-                next_obs, reward, done, _, info = env.step(action)
-                agent.store(obs, next_obs, action, reward, done)
-                obs = next_obs
+            played = run_episode(env, lambda obs: agent.act(obs, warmup))
+            for transition in played.transitions:
+                agent.store(*transition)
+            reward, info = played.reward, played.info
             agent.noise.reset()
             if not warmup:
                 agent.learn_episode()

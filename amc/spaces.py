@@ -25,7 +25,7 @@ class Space(Protocol):
     kind: str
     names: list[str]
     sizes: list[int]
-    step: int
+    round_to: int  # keep counts are multiples of this (or the whole unit)
     layers: list[LayerInfo]  # the layer each unit's state describes
     unit_costs: list[float]  # the state's FLOPs[t] (or weights, fine-grained)
 
@@ -49,7 +49,7 @@ class ChannelSpace:
         self.latency = latency
         self.names = [u.name for u in graph.units]
         self.sizes = [u.channels for u in graph.units]
-        self.step = round_to
+        self.round_to = round_to
         self.layers = [u.layer for u in graph.units]
         producers = [{m.module for m in u.members if m.dim == "out" and m.module in graph.layers}
                      for u in graph.units]
@@ -85,14 +85,14 @@ class ChannelSpace:
         for unit, k in zip(self.graph.units, keep):
             if k == unit.channels:
                 continue
-            removed_roots = unit.ranking[k:]
+            removed_roots = unit.removed_channels(k)
             for m in unit.members:
                 if m.module not in self.graph.layers:
                     continue
                 if m.dim == "in":
                     cut.add(m.module)
                 else:
-                    removed_out.setdefault(m.module, set()).update(m.idxs[np.isin(m.root_idxs, removed_roots)].tolist())
+                    removed_out.setdefault(m.module, set()).update(m.entries_of(removed_roots).tolist())
         layers = {}
         for name, info in self.graph.layers.items():  # forward order
             if name in cut and reconstructable(modules[name]):
@@ -112,7 +112,7 @@ class FineGrainedSpace:
         self.layers = list(graph.layers.values())
         self.names = [layer.name for layer in self.layers]
         self.sizes = [layer.weight_count for layer in self.layers]
-        self.step = 1
+        self.round_to = 1
         self.unit_costs = [float(s) for s in self.sizes]
         total = sum(p.numel() for p in model.parameters())
         self._fixed = total - sum(self.sizes)  # biases, norms: never pruned

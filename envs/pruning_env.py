@@ -3,7 +3,7 @@
 The agent answers each unit's state with an action in [0, 1], mapped to a preserve ratio in
 [lbound, rbound] and rounded to the unit's allowed keep counts. Under the resource-constrained
 protocol the ratio is clipped so the episode can still end within budget, and after the last
-unit the unused budget is spread over the units (``fill``, see ``amc.envs.budget``). Steps cost nothing
+unit the unused budget is spread over the units (``fill``, see ``amc.budget``). Steps cost nothing
 but arithmetic (the analytic cost model); the last step prunes a copy of the model, calibrates
 it, scores it on the reward-val subset and returns the episode's reward.
 """
@@ -14,12 +14,14 @@ import copy
 import math
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import gymnasium as gym
 import numpy as np
 from torch import nn
 
-from amc.envs.budget import fill_budget, max_keep
+from amc.budget import fill_budget, max_keep
 from amc.envs.rewards import REWARDS
 from amc.envs.state import FEATURES, observation, static_features
 from amc.errors import UserError
@@ -49,8 +51,8 @@ class PruningEnv(gym.Env):
         self.fill = fill and protocol == "resource"
         self.full_cost = space.cost(space.sizes)
         self.budget = target * self.full_cost
-        self.floor = [keep_count(lbound, size, space.step) for size in space.sizes]
-        self.ceiling = [keep_count(rbound, size, space.step) for size in space.sizes]
+        self.floor = [keep_count(lbound, size, space.round_to) for size in space.sizes]
+        self.ceiling = [keep_count(rbound, size, space.round_to) for size in space.sizes]
         self.static = static_features(space.layers, space.unit_costs)
         self.total_unit_cost = float(sum(space.unit_costs)) or 1.0
         self.full_measures = space.measures(space.sizes)
@@ -86,9 +88,9 @@ class PruningEnv(gym.Env):
         t = len(self.keep)
         size = self.space.sizes[t]
         ratio = self.lbound + float(np.clip(action, 0.0, 1.0)) * (self.rbound - self.lbound)
-        count = min(keep_count(ratio, size, self.space.step), self.ceiling[t])
+        count = min(keep_count(ratio, size, self.space.round_to), self.ceiling[t])
         if self.protocol == "resource":
-            limit = max_keep(self.space.cost, self.keep, self.floor[t + 1:], size, self.space.step, self.budget)
+            limit = max_keep(self.space.cost, self.keep, self.floor[t + 1:], size, self.space.round_to, self.budget)
             count = max(min(count, limit), self.floor[t])
         return count
 
@@ -101,7 +103,7 @@ class PruningEnv(gym.Env):
         if len(self.keep) < self.num_units:
             return self._observation(), 0.0, False, False, {}
         if self.fill:
-            self.keep = fill_budget(self.keep, self.space.sizes, self.ceiling, self.space.step,
+            self.keep = fill_budget(self.keep, self.space.sizes, self.ceiling, self.space.round_to,
                                     self.space.cost, self.budget)
         reward, info = self.evaluate(self.keep)
         return self._observation(), reward, True, False, info
@@ -134,3 +136,26 @@ class PruningEnv(gym.Env):
             warnings.warn(f"non-finite reward for policy {info['ratios']}: scored as the worst reward")
             reward, info["nonfinite"] = self.worst_reward(), True
         return reward, info
+
+
+@dataclass
+class Episode:
+    """One walk over every unit: its transitions (obs, next_obs, action, reward, done), final reward and info."""
+
+    transitions: list[tuple[np.ndarray, np.ndarray, np.ndarray, float, bool]] = field(default_factory=list)
+    reward: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+def run_episode(env: PruningEnv, act: Callable[[np.ndarray], np.ndarray]) -> Episode:
+    """Reset ``env`` and answer every state with ``act(obs)`` until the episode ends."""
+    episode = Episode()
+    obs, _ = env.reset()
+    done = False
+    while not done:
+        action = act(obs)
+        next_obs, reward, done, _, info = env.step(action)
+        episode.transitions.append((obs, next_obs, action, reward, done))
+        obs = next_obs
+    episode.reward, episode.info = reward, info
+    return episode

@@ -26,6 +26,7 @@ import torch
 
 from amc.config import load_config
 from amc.data import DataSplits, InMemoryImages
+from amc.envs import run_episode
 from amc.errors import UserError
 from amc.factory import Workspace, seed_everything
 from amc.metrics import accuracy
@@ -65,15 +66,12 @@ def prepare(ws: Workspace) -> None:
         ws.__dict__["splits"] = random_splits(ws)
 
 
-def run_episode(env, seed: int) -> tuple[float, dict]:
+def random_episode(env, seed: int) -> tuple[float, dict]:
     """One episode of uniform random actions (clipped by the env); (wall seconds, final info)."""
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
-    env.reset(seed=seed)
-    done = False
-    while not done:
-        _, _, done, _, info = env.step(np.array([rng.uniform()], dtype=np.float32))
-    return time.perf_counter() - start, info
+    played = run_episode(env, lambda obs: np.array([rng.uniform()], dtype=np.float32))
+    return time.perf_counter() - start, played.info
 
 
 def bare_eval(env, keep: list[int]) -> float:
@@ -105,7 +103,7 @@ def main() -> None:
         accuracy(env.model, env.scorer.reward_batches[:1])  # warm up allocators and kernels
         episodes, evals, steps, errors, parts = [], [], [], [], {p: [] for p in PARTS}
         for i in range(args.episodes):
-            wall, info = run_episode(env, cfg.seed + i)
+            wall, info = random_episode(env, cfg.seed + i)
             episodes.append(wall)
             evals.append(bare_eval(env, info["keep"]))
             errors.append(info["error"])

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from amc.baselines import baseline_policy
-from amc.checkpoint import atomic_write_json, atomic_write_text
+from amc.files import atomic_write_json, atomic_write_text
 from amc.config import apply_overrides, config_from_dict, read_yaml
 from amc.export import measure, prune_policy
 from amc.factory import Workspace, seed_everything

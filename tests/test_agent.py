@@ -76,7 +76,7 @@ def test_search_beats_the_uniform_policy_on_demo(demo_cfg, tmp_path):
     })
     best = search(cfg, tmp_path / "run", progress=False)
     env = Workspace(cfg).env()
-    uniform = uniform_policy(env.space.sizes, env.space.step, env.space.cost, env.budget, cfg.search.lbound)
+    uniform = uniform_policy(env.space.sizes, env.space.round_to, env.space.cost, env.budget, cfg.search.lbound)
     _, uniform_info = env.evaluate(uniform)
     print(f"searched: error {best['error']:.4f} at {best['macs_ratio']:.3f} FLOPs; "
           f"uniform: error {uniform_info['error']:.4f} at {uniform_info['macs_ratio']:.3f} FLOPs")

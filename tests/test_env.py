@@ -160,7 +160,7 @@ def test_calibration_lowers_the_error_of_a_pruned_model(demo_raw, tmp_path):
     for calibration in ("none", "bn", "lsq"):
         env = env_with(demo_raw, tmp_path, name=calibration, calibration=calibration)
         space = env.space
-        keep = uniform_policy(space.sizes, space.step, space.cost, 0.5 * env.full_cost, env.lbound)
+        keep = uniform_policy(space.sizes, space.round_to, space.cost, 0.5 * env.full_cost, env.lbound)
         assert 0.45 < space.cost(keep) / env.full_cost <= 0.5
         reward, info = env.evaluate(keep)
         errors[calibration] = info["error"]

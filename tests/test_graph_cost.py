@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from amc.envs import PruningEnv
-from amc.envs.budget import allowed_counts, fill_budget
+from amc.budget import allowed_counts, fill_budget
 from amc.errors import UserError
 from amc.graph import find_units
 from amc.metrics import count_macs, count_params, torch_threads
@@ -54,7 +54,7 @@ def random_policy(env: PruningEnv, rng: np.random.Generator) -> list[int]:
     env.reset()
     for _ in range(env.num_units):
         env.keep.append(env.preserve_count(float(rng.uniform(0.0, 1.0))))
-    return fill_budget(env.keep, env.space.sizes, env.ceiling, env.space.step, env.space.cost, env.budget)
+    return fill_budget(env.keep, env.space.sizes, env.ceiling, env.space.round_to, env.space.cost, env.budget)
 
 
 def check_pruned(model: nn.Module, env: PruningEnv, keep: list[int], shape) -> tuple[int, int]:
