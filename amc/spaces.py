@@ -28,6 +28,7 @@ class Space(Protocol):
     round_to: int  # keep counts are multiples of this (or the whole unit)
     layers: list[LayerInfo]  # the layer each unit's state describes
     unit_costs: list[float]  # the state's FLOPs[t] (or weights, fine-grained)
+    reward_measure: str  # the measure in -Error * log(cost), whatever resource is budgeted
 
     def cost(self, keep: Sequence[int]) -> float: ...
     def measures(self, keep: Sequence[int]) -> dict[str, float]: ...
@@ -40,6 +41,7 @@ class ChannelSpace:
     """Structured channel pruning of dependency-group units."""
 
     kind = "channel"
+    reward_measure = "macs"
 
     def __init__(self, model: nn.Module, graph: PrunableGraph, resource: str = "flops",
                  round_to: int = 1, latency=None):
@@ -106,6 +108,7 @@ class FineGrainedSpace:
     """Unstructured magnitude pruning: one density per conv / linear layer, budget on non-zeros."""
 
     kind = "fine_grained"
+    reward_measure = "params"
 
     def __init__(self, model: nn.Module, graph: PrunableGraph):
         self.graph = graph

@@ -109,7 +109,7 @@ class PruningEnv(gym.Env):
         return self._observation(), reward, True, False, info
 
     def worst_reward(self) -> float:
-        return self.reward_fn(1.0, self.full_cost)
+        return self.reward_fn(1.0, self.full_measures[self.space.reward_measure])
 
     def evaluate(self, keep: list[int]) -> tuple[float, dict]:
         """Prune a copy of the model to ``keep``, calibrate and score it."""
@@ -131,7 +131,9 @@ class PruningEnv(gym.Env):
             **{f"{name}_ratio": value / self.full_measures[name] for name, value in measures.items()},
             "timings": timings,
         }
-        reward = self.reward_fn(error, cost)
+        # AMC's -Error * log(FLOPs): priced in MACs (params, fine-grained) even when the budget is
+        # latency, whose log is negative below 1 ms and would invert the reward.
+        reward = self.reward_fn(error, measures[self.space.reward_measure])
         if not math.isfinite(reward):
             warnings.warn(f"non-finite reward for policy {info['ratios']}: scored as the worst reward")
             reward, info["nonfinite"] = self.worst_reward(), True

@@ -11,7 +11,11 @@ def error_reward(error: float, cost: float) -> float:
 
 
 def error_log_cost_reward(error: float, cost: float) -> float:
-    """Accuracy-guaranteed protocol: -Error * log(FLOPs) (or log(#params), fine-grained)."""
+    """Accuracy-guaranteed protocol: -Error * log(FLOPs) (or log(#params), fine-grained).
+
+    ``cost`` is MACs or parameters, never the budgeted resource: a latency in milliseconds has
+    a negative log below 1 ms, which would make pruning everything the best policy.
+    """
     return -error * math.log(cost)
 
 

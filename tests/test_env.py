@@ -155,6 +155,19 @@ def test_accuracy_guaranteed_protocol(demo_raw, tmp_path):
     assert info["keep"] == low.space.sizes
 
 
+@pytest.mark.parametrize("resource", ["params", "latency"])
+def test_accuracy_protocol_prices_the_log_in_macs_whatever_the_budgeted_resource(demo_raw, tmp_path, resource):
+    raw = copy.deepcopy(demo_raw)
+    raw["latency"] = {"repeats": 2, "warmup": 1}
+    raw["model"]["checkpoint"] = demo_raw["model"]["checkpoint"]
+    env = env_with(raw, tmp_path, name=resource, protocol="accuracy", resource=resource)
+    _, rewards, info = run_episode(env, [0.0] * env.num_units)
+    macs = env.space.measures(info["keep"])["macs"]
+    assert rewards[-1] == pytest.approx(-info["error"] * math.log(macs))
+    assert env.worst_reward() == pytest.approx(-math.log(env.full_measures["macs"]))
+    assert env.worst_reward() <= rewards[-1] <= 0.0
+
+
 def test_calibration_lowers_the_error_of_a_pruned_model(demo_raw, tmp_path):
     errors = {}
     for calibration in ("none", "bn", "lsq"):
