@@ -16,7 +16,7 @@ import random
 import numpy as np
 import torch
 from stable_baselines3 import DDPG
-from stable_baselines3.common.logger import configure
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.utils import update_learning_rate
 
 from amc.agents.buffer import EpisodeRewardBuffer
@@ -43,7 +43,7 @@ class AMCDDPG(DDPG):
             policy_kwargs={"net_arch": list(cfg.hidden)},
             seed=seed, device=device,
         )
-        self.set_logger(configure(None, [""]))
+        self.set_logger(Logger(folder=None, output_formats=[]))  # SB3's configure() would leave an SB3-* temp dir
         self._update_learning_rate([self.actor.optimizer, self.critic.optimizer])
         self.rng = np.random.default_rng(seed)
 
@@ -109,8 +109,11 @@ class AMCDDPG(DDPG):
 def rng_state() -> dict:
     """The global RNG states the search touches (SB3 samples its minibatches with numpy's)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -118,3 +121,5 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

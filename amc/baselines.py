@@ -69,6 +69,9 @@ def random_search(cfg: Config, workspace: Workspace) -> list[int]:
         reward, info = played.reward, played.info
         if "keep" in info and reward > best_reward:
             best_reward, best_keep = reward, info["keep"]
+    if best_keep is None:
+        raise UserError(f"none of {cfg.search.episodes} random episodes produced a scorable policy "
+                        "(every one had a non-finite action or reward)", field="search.episodes")
     return best_keep
 
 

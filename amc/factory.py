@@ -151,5 +151,4 @@ class Workspace:
 def env_from_config(config: str | Path | Config, overrides: list[str] | None = None):
     """Gymnasium entry point: ``gymnasium.make("amc/Pruning-v0", config="configs/x.yaml")``."""
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
-    seed_everything(cfg.seed)
-    return Workspace(cfg).env()
+    return Workspace(cfg).env()  # seeds nothing global: the data split and calibration draw their own

@@ -95,13 +95,13 @@ def _trim_rows(path: Path, header: list[str], keep: int) -> None:
     if len(rows) < keep:
         raise UserError(f"has {len(rows)} episodes but the agent checkpoint has {keep}", where=str(path))
     out = io.StringIO()
-    csv.writer(out).writerow(header)
+    csv.writer(out, lineterminator="\n").writerow(header)
     atomic_write_text(path, out.getvalue() + "".join(rows))
 
 
 def _append_row(path: Path, row: list) -> None:
     with open(path, "a", newline="") as f:
-        csv.writer(f).writerow(row)
+        csv.writer(f, lineterminator="\n").writerow(row)
         f.flush()
 
 
@@ -112,11 +112,12 @@ def _format(value) -> str:
 def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
     """Run (or continue) the search to ``cfg.search.episodes`` episodes; return the best policy."""
     config_path, csv_path, agent_path = run_dir / CONFIG_FILE, run_dir / EPISODES_FILE, run_dir / AGENT_FILE
-    if not resume and agent_path.exists():
+    if agent_path.exists():  # every caller (CLI, `amc run`, benchmarks, the API) passes through here
         old = read_yaml(config_path) if config_path.is_file() else {}
         refuse_changes(old, cfg.to_dict(), config_path)
-        raise UserError(f"already holds a search; continue it with `amc search --resume {run_dir}` "
-                        "or choose another run directory", where=str(run_dir))
+        if not resume:
+            raise UserError(f"already holds a search; continue it with `amc search --resume {run_dir}` "
+                            "or choose another run directory", where=str(run_dir))
 
     seed_everything(cfg.seed)
     workspace = Workspace(cfg)
@@ -132,6 +133,9 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
         agent.load_state_dict(state["agent"])
         set_rng_state(state["rng"])
         start, best = int(state["episodes"]), state["best"]
+        if cfg.search.episodes < start:
+            raise UserError(f"the run already has {start} episodes; ask for at least that many "
+                            f"(search.episodes is {cfg.search.episodes})", where=str(run_dir))
     _trim_rows(csv_path, header, start)
     atomic_write_text(config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if best is not None:
@@ -148,6 +152,7 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
             for transition in played.transitions:
                 agent.store(*transition)
             reward, info = played.reward, played.info
+            sigma = agent.noise.sigma  # the sigma this episode explored with
             agent.noise.reset()
             if not warmup:
                 agent.learn_episode()
@@ -157,7 +162,7 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
             metrics = {"episode": episode, "reward": reward, "error": info.get("error", 1.0),
                        "cost_ratio": info.get("cost_ratio"), "macs_ratio": info.get("macs_ratio"),
                        "params_ratio": info.get("params_ratio"), "latency_ms_ratio": info.get("latency_ms_ratio"),
-                       "sigma": agent.noise.sigma, "seconds": time.perf_counter() - began,
+                       "sigma": sigma, "seconds": time.perf_counter() - began,
                        "calibrate_seconds": timings.get("calibrate", 0.0) + timings.get("reconstruct", 0.0),
                        "eval_seconds": timings.get("eval", 0.0)}
             _append_row(csv_path, [_format(metrics[c]) for c in METRIC_COLUMNS] + [_format(r) for r in ratios])

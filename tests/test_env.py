@@ -168,6 +168,14 @@ def test_accuracy_protocol_prices_the_log_in_macs_whatever_the_budgeted_resource
     assert env.worst_reward() <= rewards[-1] <= 0.0
 
 
+def test_making_an_env_leaves_the_global_rngs_alone(demo_cfg):
+    np.random.seed(123)
+    expected = np.random.rand()
+    np.random.seed(123)
+    gymnasium.make("amc/Pruning-v0", config=demo_cfg)
+    assert np.random.rand() == expected
+
+
 def test_calibration_lowers_the_error_of_a_pruned_model(demo_raw, tmp_path):
     errors = {}
     for calibration in ("none", "bn", "lsq"):

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,8 +38,23 @@ def test_search_writes_the_run_directory(demo_cfg, tmp_path):
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     sigmas = [float(r["sigma"]) for r in table]  # decays only after warmup
     warmup = demo_cfg.agent.warmup_episodes
-    assert sigmas[warmup - 1] == pytest.approx(demo_cfg.agent.noise_sigma)
+    assert sigmas[warmup] == pytest.approx(demo_cfg.agent.noise_sigma)  # the sigma each episode explored with
+    assert sigmas[warmup + 1] == pytest.approx(demo_cfg.agent.noise_sigma * demo_cfg.agent.noise_decay)
     assert sigmas[-1] < sigmas[warmup]
+
+
+def test_run_files_follow_the_umask_and_no_temp_dir_is_left(demo_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    previous = os.umask(0o022)
+    try:
+        search(demo_cfg.model_copy(update={"search": demo_cfg.search.model_copy(update={"episodes": 2})}),
+               tmp_path / "run", progress=False)
+    finally:
+        os.umask(previous)
+    for name in ("config.yaml", "episodes.csv", "best_policy.json", "agent.pt"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644, name
+    assert list((tmp_path / "tmp").iterdir()) == []  # SB3's logger used to leave SB3-<timestamp> here
 
 
 def test_resume_matches_an_uninterrupted_run(demo_raw, tmp_path):
@@ -49,6 +65,7 @@ def test_resume_matches_an_uninterrupted_run(demo_raw, tmp_path):
     assert len(rows(tmp_path / "b")) == 17
     search(whole, tmp_path / "b", resume=True, progress=False)
     assert rows(tmp_path / "b") == rows(tmp_path / "a")
+    assert b"\r" not in (tmp_path / "b" / "episodes.csv").read_bytes()  # one line ending after a resume
     assert json.loads((tmp_path / "b" / "best_policy.json").read_text()) == \
         json.loads((tmp_path / "a" / "best_policy.json").read_text())
 
@@ -102,6 +119,25 @@ def test_sigkill_at_several_points_then_resume_matches_uninterrupted(demo_raw, t
     assert rows(run_dir) == rows(tmp_path / "ref")
     assert json.loads(out.strip().splitlines()[-1])["episode"] == \
         json.loads((tmp_path / "ref" / "best_policy.json").read_text())["episode"]
+
+
+def test_amc_run_on_an_existing_run_refuses_a_changed_config(demo_raw, tmp_path, monkeypatch):
+    """The check lives in search() itself, so `amc run` (and the benchmark) cannot bypass it."""
+    from amc.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    demo_raw["search"]["episodes"] = 4
+    demo_raw["agent"]["warmup_episodes"] = 2
+    demo_raw["finetune"]["epochs"] = 0
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    run_dir = Path(demo_raw["search"]["run_dir"])
+    assert main(["run", str(config)]) == 0
+    saved = (run_dir / "config.yaml").read_text()
+    assert main(["run", str(config), "--set", "search.target=0.3", "--episodes", "6"]) == 2
+    assert main(["run", str(config), "--episodes", "2"]) == 2  # fewer than the run already has
+    assert (run_dir / "config.yaml").read_text() == saved and len(rows(run_dir)) == 4
+    assert main(["run", str(config), "--episodes", "5"]) == 0  # more episodes: the run continues
+    assert len(rows(run_dir)) == 5
 
 
 def test_resume_refuses_a_changed_config(demo_cfg, tmp_path):
