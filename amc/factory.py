@@ -56,7 +56,7 @@ def _check_split(path: Path, recorded: dict[str, Any] | None, cfg: Config) -> No
     wanted = split_signature(cfg.data, cfg.seed)
     if recorded is None:
         warnings.warn(f"{path}: no record of the split it was trained on (written by an older amc), so it cannot "
-                      f"be checked against the config's; `amc train {cfg.source}` records it", stacklevel=3)
+                      f"be checked against the config's; `amc train {cfg.source}` records it", stacklevel=4)
         return
     differ = [k for k in {**recorded, **wanted} if recorded.get(k) != wanted.get(k)]
     if not differ:
