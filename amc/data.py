@@ -133,7 +133,11 @@ class InMemoryImages(Dataset):
         """Random shift (pad by ``max_shift`` + random crop) and flip, drawn per sample.
 
         Vectorised: pad the batch once, then one gather with per-sample row/column offsets;
-        a flipped sample simply reads its columns in reverse.
+        a flipped sample simply reads its columns in reverse. The gather runs over each flattened
+        plane, so the result is a fresh NCHW tensor with standard strides: a model may ``.view``
+        its activations. (Indexing (B, H, W, C) and permuting gives channels-last strides, which
+        a 1-channel tensor passes off as contiguous; convolutions then return channels-last
+        outputs and ``.view`` fails.)
         """
         b, c, h, w = images.shape
         s = self.max_shift
@@ -148,10 +152,8 @@ class InMemoryImages(Dataset):
         if self.flip:
             flipped = torch.rand(b) < 0.5
             cols = torch.where(flipped[:, None], cols.flip(1), cols)
-        batch = torch.arange(b)[:, None, None]
-        # advanced indices on both sides of a slice: the result is (B, H, W, C)
-        out = padded[batch, :, rows[:, :, None], cols[:, None, :]]
-        return out.permute(0, 3, 1, 2).contiguous()
+        flat = (rows[:, :, None] * padded.shape[-1] + cols[:, None, :]).view(b, 1, h * w)
+        return padded.reshape(b, c, -1).gather(2, flat.expand(b, c, h * w)).view(b, c, h, w)
 
 
 class TransformedSubset(Dataset):
@@ -203,6 +205,24 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
     if cfg.name in ("cifar10", "cifar100"):
         return _cifar_splits(cfg, spec, mean, std, seed)
     return _imagefolder_splits(cfg, spec, mean, std, seed)
+
+
+def split_signature(cfg: DataConfig, seed: int) -> dict[str, Any]:
+    """What decides which training images are held out of training, as plain data.
+
+    ``amc train`` stores it in the base checkpoint, and loading the base model compares it with
+    the config's: a model trained on another split has seen some of the held-out images (with
+    the demo's 300 reward-val images, changing ``seed`` from 0 to 1 puts 238 of them in the
+    training split), so its rewards would be measured partly on training images. The split is
+    a ``seed``-ed permutation of the dataset's training images; the dataset names the images,
+    except for ``imagefolder`` whose folder is the dataset, so its absolute root is part of it
+    (a named dataset may move without retraining). A new held-out split is one more key here;
+    leave such a key out while its setting is off, so that older records stay valid.
+    """
+    signature: dict[str, Any] = {"dataset": cfg.name, "seed": seed, "reward_val_size": cfg.reward_val_size}
+    if cfg.name == "imagefolder":
+        signature["root"] = None if cfg.root is None else str(Path(cfg.root).expanduser().resolve())
+    return signature
 
 
 def make_loader(

@@ -11,7 +11,7 @@ from torch import nn
 from amc.calibration import recalibrate_batchnorm, reconstruct
 from amc.checkpoint import PRUNED_FORMAT, save_checkpoint
 from amc.errors import UserError
-from amc.factory import Workspace, cached_batches
+from amc.factory import Workspace, calibration_batches
 from amc.metrics import accuracy, count_macs, count_nonzero_params, count_params, measure_latency
 
 
@@ -42,9 +42,7 @@ def prune_policy(workspace: Workspace, keep: list[int], refit: bool = True) -> t
     space.apply(pruned, keep)
     if refit and space.kind == "channel":
         reconstruct(model, pruned, space.refit_layers(keep), workspace.reconstruction_images(), seed=cfg.seed)
-    calib = [x.to(workspace.device) for x, _ in cached_batches(
-        workspace.splits.train_eval, cfg.data.batch_size, limit=max(cfg.search.calib_batches, 1))]
-    recalibrate_batchnorm(pruned, calib)
+    recalibrate_batchnorm(pruned, calibration_batches(workspace, max(cfg.search.calib_batches, 1)))
     plan = space.plan(keep)
     plan["prune_residual"] = cfg.search.prune_residual
     return pruned.eval(), plan

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +16,7 @@ from torch import nn
 
 from amc.checkpoint import BASE_FORMAT, load_checkpoint, load_state
 from amc.config import Config, load_config
-from amc.data import DataSplits, data_shape, load_splits, make_loader
+from amc.data import DataSplits, data_shape, load_splits, make_loader, split_signature
 from amc.errors import UserError
 from amc.graph import PrunableGraph, find_units
 from amc.models import build_model, model_spec
@@ -35,14 +38,34 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cached_batches(dataset, batch_size: int, limit: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``limit`` batches of ``dataset`` in a fixed order, held in memory."""
-    batches = []
-    for x, y in make_loader(dataset, batch_size, shuffle=False, seed=0):
-        batches.append((x, y))
-        if limit is not None and len(batches) >= limit:
-            break
-    return batches
+def cached_batches(dataset, batch_size: int, limit: int | None = None,
+                   seed: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``limit`` batches of ``dataset`` held in memory: in order, or with ``seed`` in
+    the order of a shuffle seeded by it (the same batches on every call)."""
+    loader = make_loader(dataset, batch_size, shuffle=seed is not None, seed=seed or 0)
+    return [(x, y) for x, y in islice(loader, limit)]
+
+
+def _check_split(path: Path, recorded: dict[str, Any] | None, cfg: Config) -> None:
+    """Refuse a base model trained on another held-out split than the config's.
+
+    Its reward-val images would partly be images it was trained on, so every reward would be
+    flattered by an unknown amount. A checkpoint from before the split was recorded loads with
+    a warning.
+    """
+    wanted = split_signature(cfg.data, cfg.seed)
+    if recorded is None:
+        warnings.warn(f"{path}: no record of the split it was trained on (written by an older amc), so it cannot "
+                      f"be checked against the config's; `amc train {cfg.source}` records it", stacklevel=4)
+        return
+    differ = [k for k in {**recorded, **wanted} if recorded.get(k) != wanted.get(k)]
+    if not differ:
+        return
+    keys = ["dataset"] + [k for k in differ if k != "dataset"]
+    show = lambda signature: ", ".join(f"{k}={signature.get(k)}" for k in keys)  # noqa: E731
+    hint = " (agent.seed changes the search without moving the split)" if "seed" in differ else ""
+    raise UserError(f"trained with the split {show(recorded)}; the config asks for {show(wanted)}, which holds out "
+                    f"other images; retrain (amc train {cfg.source}) or restore the setting{hint}", where=str(path))
 
 
 @dataclass
@@ -98,6 +121,7 @@ class Workspace:
         if data["spec"] != self.spec:
             raise UserError(f"holds a {data['spec']['name']} model for {data['spec']['num_classes']} classes, "
                             f"the config asks for {self.spec['name']} with {self.spec['num_classes']}", where=str(path))
+        _check_split(path, data.get("split"), self.cfg)
         load_state(model, data["state_dict"], str(path))
         return model.to(self.device).eval()
 
@@ -126,8 +150,7 @@ class Workspace:
         s, d = self.cfg.search, self.cfg.data
         device = self.device
         reward = [(x.to(device), y.to(device)) for x, y in cached_batches(self.splits.reward_val, d.eval_batch_size)]
-        calib = [x.to(device) for x, _ in cached_batches(
-            self.splits.train_eval, d.batch_size, limit=s.calib_batches)] if s.calib_batches else []
+        calib = calibration_batches(self)
         recon = None
         if s.calibration in ("lsq", "both"):
             recon = self.reconstruction_images()
@@ -146,6 +169,21 @@ class Workspace:
         model = self.base_model
         return PruningEnv(model, self.space(model), self.scorer(model), s.protocol, s.target, s.lbound, s.rbound,
                           s.fill_budget)
+
+
+def calibration_batches(workspace: Workspace, count: int | None = None) -> list[torch.Tensor]:
+    """The images that re-estimate BatchNorm statistics (adaptive BN), on the device.
+
+    ``count`` batches (default ``search.calib_batches``) of ``data.batch_size`` training images,
+    never reward-val ones, in the order of a shuffle seeded by the config's seed: every policy of
+    a run, scored or exported, is calibrated on the same images (a smaller count takes the first
+    of them). Shuffled because a training split may be sorted by class (``imagefolder``): its
+    first batches would hold two or three classes, whose statistics fit no other class.
+    """
+    cfg = workspace.cfg
+    count = cfg.search.calib_batches if count is None else count
+    batches = cached_batches(workspace.splits.train_eval, cfg.data.batch_size, limit=count, seed=cfg.seed)
+    return [x.to(workspace.device) for x, _ in batches]
 
 
 def env_from_config(config: str | Path | Config, overrides: list[str] | None = None):

@@ -10,6 +10,7 @@ from torch import nn
 
 from amc.checkpoint import BASE_FORMAT, PRUNED_FORMAT, load_model, save_checkpoint
 from amc.config import Config, run_dir_for
+from amc.data import split_signature
 from amc.errors import UserError
 from amc.export import export_onnx, measure, prune_policy, save_pruned
 from amc.factory import Workspace, seed_everything
@@ -32,7 +33,8 @@ def train_base(cfg: Config, epochs: int | None = None, progress: bool = True) ->
     metrics = {"test_top1": test["top1"], "test_top5": test["top5"], "epochs": epochs or t.epochs,
                "seconds": time.perf_counter() - started}
     save_checkpoint(ws.checkpoint_path, BASE_FORMAT, {
-        "spec": ws.spec, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "metrics": metrics})
+        "spec": ws.spec, "split": split_signature(cfg.data, cfg.seed),
+        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "metrics": metrics})
     return metrics
 
 

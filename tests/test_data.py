@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from amc.config import DataConfig
 from amc.data import FASHION_MNIST_ROOT, DataSplits, InMemoryImages, load_splits, make_loader
@@ -263,6 +264,23 @@ def test_imagefolder_class_mismatch(tmp_path: Path) -> None:
     cfg = DataConfig(name="imagefolder", root=str(tmp_path), input_size=24, reward_val_size=3)
     with pytest.raises(UserError, match=r"same class folders.*owl.*emu"):
         load_splits(cfg, seed=0)
+
+
+def test_batches_have_standard_nchw_strides(tmp_path: Path, digits: DataSplits) -> None:
+    """Augmented 1-channel batches used to come out channels-last (which a 1-channel tensor
+    passes off as contiguous): a model's conv outputs were then channels-last and ``.view`` failed."""
+    (tmp_path / "idx").mkdir()
+    write_mnist(tmp_path / "idx")
+    write_imagefolder(tmp_path / "folder")
+    fashion = load_splits(DataConfig(name="fashion_mnist", root=str(tmp_path / "idx"), input_size=28,
+                                     reward_val_size=5), seed=0)  # shift and flip
+    folder = load_splits(DataConfig(name="imagefolder", root=str(tmp_path / "folder"), input_size=24,
+                                    reward_val_size=3), seed=0)
+    for splits in (digits, fashion, folder):
+        for ds in (splits.train, splits.train_eval, splits.test):
+            x, _ = next(iter(make_loader(ds, 4, shuffle=True, seed=0)))
+            assert x.stride() == torch.empty(x.shape).stride()
+            assert nn.Conv2d(x.shape[1], 2, 3)(x).is_contiguous()
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST (real files)
