@@ -33,6 +33,9 @@ class DataConfig(Section):
     mean: list[float] | None = None
     std: list[float] | None = None
     reward_val_size: int = Field(gt=0, description="images held out of the training split to score policies")
+    select_size: int = Field(0, ge=0, description=(
+        "images held out of the training split (disjoint from reward-val) to choose the run's answer "
+        "among the best policies and the rules; 0: choose on reward-val"))
     batch_size: int = Field(128, gt=0)
     eval_batch_size: int = Field(512, gt=0)
     num_workers: int = Field(0, ge=0)
@@ -75,6 +78,7 @@ class SearchConfig(Section):
         512, gt=0, description="images whose feature maps fit the least-squares reconstruction"
     )
     reward_metric: Literal["top1", "top5"] = "top1"
+    select_top_k: int = Field(10, ge=1, description="distinct best policies re-scored on the selection split")
     run_dir: str | None = None
 
     @model_validator(mode="after")

@@ -63,7 +63,8 @@ _SPECS: dict[str, _Spec] = {
 class DataSplits:
     train: Dataset  # training split minus reward_val, augmented (when data.augment)
     train_eval: Dataset  # same images as train, eval transform
-    reward_val: Dataset  # held out of the training split, eval transform
+    reward_val: Dataset  # held out of the training split, eval transform: scores policies
+    select: Dataset  # held out too, disjoint from reward_val: picks the run's answer among candidates
     test: Dataset  # eval transform
     num_classes: int
     in_channels: int
@@ -220,6 +221,8 @@ def split_signature(cfg: DataConfig, seed: int) -> dict[str, Any]:
     leave such a key out while its setting is off, so that older records stay valid.
     """
     signature: dict[str, Any] = {"dataset": cfg.name, "seed": seed, "reward_val_size": cfg.reward_val_size}
+    if cfg.select_size:
+        signature["select_size"] = cfg.select_size
     if cfg.name == "imagefolder":
         signature["root"] = None if cfg.root is None else str(Path(cfg.root).expanduser().resolve())
     return signature
@@ -275,18 +278,26 @@ def _mean_std(cfg: DataConfig, spec: _Spec) -> tuple[tuple[float, ...], tuple[fl
     return tuple(cfg.mean), tuple(cfg.std)
 
 
-def _split_reward_val(n_train: int, cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, reward_val) positions in ``range(n_train)``: disjoint, each sorted."""
-    if cfg.reward_val_size >= n_train:
+def _split_held_out(n_train: int, cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, reward_val, select) positions in ``range(n_train)``: disjoint, each sorted.
+
+    One seeded permutation: reward-val is its head, the selection split the next
+    ``select_size`` positions, training the rest (so ``select_size: 0`` gives the same
+    training images as before the selection split existed).
+    """
+    held = cfg.reward_val_size + cfg.select_size
+    if held >= n_train:
+        field = "data.select_size" if cfg.select_size and cfg.reward_val_size < n_train else "data.reward_val_size"
         raise UserError(
-            f"{cfg.reward_val_size} images requested but the {cfg.name} training split has only "
-            f"{n_train}; it must be smaller so that images remain for training",
-            field="data.reward_val_size",
+            f"{cfg.reward_val_size} reward-val + {cfg.select_size} selection images requested but the "
+            f"{cfg.name} training split has only {n_train}; they must leave images for training",
+            field=field,
         )
     if seed < 0:
         raise UserError(f"must be >= 0, got {seed}", field="seed")
     perm = np.random.default_rng(seed).permutation(n_train)
-    return np.sort(perm[cfg.reward_val_size :]), np.sort(perm[: cfg.reward_val_size])
+    r = cfg.reward_val_size
+    return np.sort(perm[held:]), np.sort(perm[:r]), np.sort(perm[r:held])
 
 
 def _root(cfg: DataConfig, default: str | None, hint: str) -> Path:
@@ -319,7 +330,7 @@ def _in_memory_splits(
         train_pool = np.arange(len(train_images))
         test_idx = np.arange(len(test_images))
 
-    train_pos, reward_pos = _split_reward_val(len(train_pool), cfg, seed)
+    train_pos, reward_pos, select_pos = _split_held_out(len(train_pool), cfg, seed)
     fill = ((0.0 - torch.tensor(mean)) / torch.tensor(std)).view(-1, 1, 1)
     as_idx = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64))  # noqa: E731
     train_eval = InMemoryImages(train_store, train_labels, as_idx(train_pool[train_pos]), fill=fill)
@@ -328,6 +339,7 @@ def _in_memory_splits(
         train=train,
         train_eval=train_eval,
         reward_val=InMemoryImages(train_store, train_labels, as_idx(train_pool[reward_pos]), fill=fill),
+        select=InMemoryImages(train_store, train_labels, as_idx(train_pool[select_pos]), fill=fill),
         test=InMemoryImages(test_store, test_labels, as_idx(test_idx), fill=fill),
         num_classes=10,
         in_channels=1,
@@ -538,12 +550,13 @@ def _torchvision_splits(
     eval_tf: Callable,
     num_classes: int,
 ) -> DataSplits:
-    train_pos, reward_pos = _split_reward_val(len(train_base), cfg, seed)
+    train_pos, reward_pos, select_pos = _split_held_out(len(train_base), cfg, seed)
     train_idx, reward_idx = torch.from_numpy(train_pos), torch.from_numpy(reward_pos)
     return DataSplits(
         train=TransformedSubset(train_base, train_idx, train_tf if cfg.augment else eval_tf),
         train_eval=TransformedSubset(train_base, train_idx, eval_tf),
         reward_val=TransformedSubset(train_base, reward_idx, eval_tf),
+        select=TransformedSubset(train_base, torch.from_numpy(select_pos), eval_tf),
         test=TransformedSubset(test_base, torch.arange(len(test_base)), eval_tf),
         num_classes=num_classes,
         in_channels=3,

@@ -31,8 +31,12 @@ def measure(model: nn.Module, workspace: Workspace, splits: tuple[str, ...] = ("
     return out
 
 
-def prune_policy(workspace: Workspace, keep: list[int], refit: bool = True) -> tuple[nn.Module, dict]:
-    """The base model pruned to ``keep``, reconstructed by least squares, BN re-estimated."""
+def prune_policy(workspace: Workspace, keep: list[int], refit: bool = True,
+                 calibration_seed: int | None = None) -> tuple[nn.Module, dict]:
+    """The base model pruned to ``keep``, reconstructed by least squares, BN re-estimated.
+
+    ``calibration_seed`` draws other calibration and reconstruction images than the run's.
+    """
     cfg = workspace.cfg
     model = workspace.base_model
     space = workspace.space(model)
@@ -41,8 +45,9 @@ def prune_policy(workspace: Workspace, keep: list[int], refit: bool = True) -> t
     pruned = copy.deepcopy(model)
     space.apply(pruned, keep)
     if refit and space.kind == "channel":
-        reconstruct(model, pruned, space.refit_layers(keep), workspace.reconstruction_images(), seed=cfg.seed)
-    recalibrate_batchnorm(pruned, calibration_batches(workspace, max(cfg.search.calib_batches, 1)))
+        images = workspace.reconstruction_images(None if calibration_seed is None else calibration_seed + 1)
+        reconstruct(model, pruned, space.refit_layers(keep), images, seed=cfg.seed)
+    recalibrate_batchnorm(pruned, calibration_batches(workspace, max(cfg.search.calib_batches, 1), calibration_seed))
     plan = space.plan(keep)
     plan["prune_residual"] = cfg.search.prune_residual
     return pruned.eval(), plan

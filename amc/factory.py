@@ -125,6 +125,11 @@ class Workspace:
         load_state(model, data["state_dict"], str(path))
         return model.to(self.device).eval()
 
+    @property
+    def held_out_splits(self) -> tuple[str, ...]:
+        """The splits held out of training: reward-val, and the selection split when there is one."""
+        return ("reward_val", "select") if self.cfg.data.select_size else ("reward_val",)
+
     def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None):
         dataset = getattr(self.splits, split)
         size = batch_size or (self.cfg.data.batch_size if shuffle else self.cfg.data.eval_batch_size)
@@ -156,10 +161,11 @@ class Workspace:
             recon = self.reconstruction_images()
         return Scorer(model, reward, calib, recon, s.calibration, s.reward_metric, self.cfg.seed)
 
-    def reconstruction_images(self) -> torch.Tensor:
+    def reconstruction_images(self, seed: int | None = None) -> torch.Tensor:
         """A fixed sample of training images (never reward-val) for least-squares fits."""
         n = self.cfg.search.reconstruct_samples
-        batch = make_loader(self.splits.train_eval, n, shuffle=True, seed=self.cfg.seed + 1)
+        seed = self.cfg.seed + 1 if seed is None else seed
+        batch = make_loader(self.splits.train_eval, n, shuffle=True, seed=seed)
         return next(iter(batch))[0].to(self.device)
 
     def env(self):
@@ -171,18 +177,20 @@ class Workspace:
                           s.fill_budget)
 
 
-def calibration_batches(workspace: Workspace, count: int | None = None) -> list[torch.Tensor]:
+def calibration_batches(workspace: Workspace, count: int | None = None, seed: int | None = None) -> list[torch.Tensor]:
     """The images that re-estimate BatchNorm statistics (adaptive BN), on the device.
 
     ``count`` batches (default ``search.calib_batches``) of ``data.batch_size`` training images,
     never reward-val ones, in the order of a shuffle seeded by the config's seed: every policy of
     a run, scored or exported, is calibrated on the same images (a smaller count takes the first
     of them). Shuffled because a training split may be sorted by class (``imagefolder``): its
-    first batches would hold two or three classes, whose statistics fit no other class.
+    first batches would hold two or three classes, whose statistics fit no other class. Another
+    ``seed`` draws another sample (to measure how much a score depends on it).
     """
     cfg = workspace.cfg
     count = cfg.search.calib_batches if count is None else count
-    batches = cached_batches(workspace.splits.train_eval, cfg.data.batch_size, limit=count, seed=cfg.seed)
+    seed = cfg.seed if seed is None else seed
+    batches = cached_batches(workspace.splits.train_eval, cfg.data.batch_size, limit=count, seed=seed)
     return [x.to(workspace.device) for x, _ in batches]
 
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable
 from contextlib import contextmanager
 
+import numpy as np
 import thop
 import torch
 from thop.vision.basic_hooks import zero_ops
@@ -89,3 +90,17 @@ def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         correct5 += int(hits.any(dim=1).sum())
         seen += len(y)
     return {"top1": correct1 / max(seen, 1), "top5": correct5 / max(seen, 1)}
+
+
+@torch.inference_mode()
+def sample_hits(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], metric: str = "top1") -> np.ndarray:
+    """Per-image hit (1.0) or miss (0.0) in ``metric`` (top1 / top5), in data order (fp32)."""
+    model = model.eval()
+    device = next(model.parameters()).device
+    k = 5 if metric == "top5" else 1
+    hits = []
+    for x, y in batches:
+        logits = model(x.to(device))
+        top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+        hits.append(top.eq(y.to(device)[:, None]).any(dim=1).cpu())
+    return torch.cat(hits).double().numpy() if hits else np.zeros(0)

@@ -15,7 +15,7 @@ from amc.errors import UserError
 from amc.export import export_onnx, measure, prune_policy, save_pruned
 from amc.factory import Workspace, seed_everything
 from amc.metrics import accuracy
-from amc.report import human, plot_episodes, plot_policy, summary_table, table
+from amc.report import comparison_table, human, plot_episodes, plot_policy, table
 from amc.search import BEST_FILE, load_run_config, read_episodes, search
 from amc.train import fit
 
@@ -71,23 +71,41 @@ def read_policy(run_dir: Path, policy: str) -> dict:
 
 
 def export_run(run_dir: Path, policy: str = "best", out: Path | None = None, onnx: Path | None = None) -> tuple[Path, dict]:
-    """Prune the base model to a run's policy, measure it and write the pruned checkpoint."""
+    """Prune the base model to a run's policy, measure it and write the pruned checkpoint.
+
+    With the run's own answer (``policy="best"``), the rules it was selected against (uniform,
+    global) are exported beside it as ``rule_<name>.pt`` and measured the same way, under
+    ``metrics["rules"]``, so the user sees whether the search paid off.
+    """
     cfg = load_run_config(run_dir)
     seed_everything(cfg.seed)
     ws = Workspace(cfg)
     chosen = read_policy(run_dir, policy)
-    model, plan = prune_policy(ws, [int(k) for k in chosen["keep"]])
-    metrics = measure(model, ws)
     out = out or run_dir / "pruned.pt"
-    save_pruned(out, ws.spec, ws.input_shape, model, plan, metrics)
-    if onnx:
-        export_onnx(model, ws.input_shape, onnx)
+    metrics = export_policy(ws, chosen["keep"], out, onnx)
+    if policy == "best":
+        rules = [c for c in chosen.get("selection", {}).get("candidates", []) if c["source"] != "search"]
+        metrics["rules"] = {c["source"]: export_policy(ws, c["keep"], rule_path(out, c["source"])) for c in rules}
     rows = read_episodes(run_dir)
     if rows:
         plot_episodes(rows, run_dir / "episodes.png")
     if policy == "best":
         plot_policy(chosen, run_dir / "best_policy.png")
     return out, metrics
+
+
+def rule_path(pruned: Path, rule: str) -> Path:
+    return pruned.with_name(f"rule_{rule}.pt")
+
+
+def export_policy(ws: Workspace, keep: list[int], out: Path, onnx: Path | None = None) -> dict:
+    """Prune, repair and measure one policy (fp32); write its checkpoint (and ONNX)."""
+    model, plan = prune_policy(ws, [int(k) for k in keep])
+    metrics = measure(model, ws, splits=ws.held_out_splits + ("test",))
+    save_pruned(out, ws.spec, ws.input_shape, model, plan, metrics)
+    if onnx:
+        export_onnx(model, ws.input_shape, onnx)
+    return metrics
 
 
 def finetune_model(model: nn.Module, ws: Workspace, kind: str, epochs: int | None = None,
@@ -124,7 +142,11 @@ def evaluate(path: Path, cfg: Config) -> dict:
 
 
 def run_all(cfg: Config, episodes: int | None = None, progress: bool = True) -> str:
-    """Train the base model if missing, search, export, fine-tune, evaluate; the summary table."""
+    """Train the base model if missing, search, export, fine-tune, evaluate; the comparison table.
+
+    The search's answer and the rules it was selected against get the same fine-tuning, so the
+    table shows what the search earned at the same budget.
+    """
     if episodes is not None:
         cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"episodes": episodes})})
     ws = Workspace(cfg)
@@ -134,9 +156,29 @@ def run_all(cfg: Config, episodes: int | None = None, progress: bool = True) -> 
     run_dir = run_dir_for(cfg)
     resume = (run_dir / "agent.pt").is_file()
     print(f"{'resuming' if resume else 'searching'}: {cfg.search.episodes} episodes -> {run_dir}")
-    search(cfg, run_dir, resume=resume, progress=progress)
+    answer = search(cfg, run_dir, resume=resume, progress=progress)
     pruned_path, pruned = export_run(run_dir)
     tuned_path, tuned = finetune(pruned_path, cfg, progress=progress)
-    original = measure(ws.base_model, ws)
+    rows = {"original": measure(ws.base_model, ws, splits=ws.held_out_splits + ("test",)),
+            answer_label(answer): {**pruned, "finetuned_test_top1": tuned["test_top1"]}}
+    for rule, metrics in pruned.get("rules", {}).items():
+        _, rule_tuned = finetune(rule_path(pruned_path, rule), cfg, progress=progress)
+        rows[rule] = {**metrics, "finetuned_test_top1": rule_tuned["test_top1"]}
     print(f"pruned checkpoint: {pruned_path}\nfine-tuned checkpoint: {tuned_path}")
-    return summary_table({"original": original, "pruned": pruned, "fine-tuned": tuned})
+    return f"{comparison_table(rows)}\n{answer_note(answer)}"
+
+
+def answer_label(answer: dict) -> str:
+    return f"AMC (episode {answer['episode']})" if answer["source"] == "search" else f"answer: {answer['source']}"
+
+
+def answer_note(answer: dict) -> str:
+    """One line on where the answer came from and how noisy the reward was."""
+    selection, noise = answer["selection"], answer["noise"]
+    searched = sum(c["source"] == "search" for c in selection["candidates"])
+    rules = [c["source"] for c in selection["candidates"] if c["source"] != "search"]
+    origin = (f"the search's episode {answer['episode']}" if answer["source"] == "search"
+              else f"the {answer['source']} rule (it beat the search's policies)")
+    return (f"answer: {origin}, best of {searched} searched policies and {len(rules)} rules ({', '.join(rules) or 'none'}) "
+            f"on the {selection['split'].replace('_', '-')} split; reward noise: ±{100 * noise['bootstrap_se']:.2f} points "
+            f"over images, ±{100 * noise['calibration_spread']:.2f} over calibration samples")

@@ -30,14 +30,19 @@ def human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def summary_table(columns: dict[str, dict], markdown: bool = False) -> str:
-    """Rows: MACs, params, latency, top-1 per column (e.g. original / pruned / fine-tuned)."""
-    fields = [("MACs", "macs", human), ("params", "params", human), ("non-zero params", "nonzero_params", human),
-              ("latency (ms)", "latency_ms", lambda v: f"{v:.2f}"),
-              ("reward-val top-1", "reward_val_top1", lambda v: f"{100 * v:.2f}%"),
-              ("test top-1", "test_top1", lambda v: f"{100 * v:.2f}%")]
-    rows = [[label] + [fmt(m[key]) if key in m else "-" for m in columns.values()] for label, key, fmt in fields]
-    return table([""] + list(columns), rows, markdown)
+def comparison_table(rows: dict[str, dict], markdown: bool = False) -> str:
+    """One row per model (original, the answer, each rule): size, cost and accuracy before and after fine-tuning."""
+    fields = [("MACs", "macs", human), ("params", "params", human), ("non-zero", "nonzero_params", human),
+              ("latency ms", "latency_ms", lambda v: f"{v:.2f}"),
+              ("reward-val", "reward_val_top1", _percent), ("select", "select_top1", _percent),
+              ("test", "test_top1", _percent), ("test after FT", "finetuned_test_top1", _percent)]
+    fields = [f for f in fields if any(f[1] in m for m in rows.values())]
+    body = [[name] + [fmt(m[key]) if key in m else "-" for _, key, fmt in fields] for name, m in rows.items()]
+    return table([""] + [label for label, _, _ in fields], body, markdown)
+
+
+def _percent(v: float) -> str:
+    return f"{100 * v:.2f}%"
 
 
 def _save_figure(fig, path: Path) -> None:

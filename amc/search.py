@@ -173,10 +173,8 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
             within = cfg.search.protocol == "accuracy" or (
                 info.get("cost_ratio") is not None and info["cost_ratio"] <= cfg.search.target + 1e-9)
             if within and "keep" in info and (best is None or reward > best["reward"]):
-                best = {"episode": episode, "reward": reward, "error": info["error"], "units": env.space.names,
-                        "keep": info["keep"], "ratios": info["ratios"], "cost_ratio": info["cost_ratio"],
-                        "macs_ratio": info["macs_ratio"], "params_ratio": info["params_ratio"],
-                        "mode": cfg.search.mode, "resource": cfg.search.resource, "target": cfg.search.target}
+                best = {"episode": episode, "reward": reward, "error": info["error"],
+                        **policy_record(env, info["keep"], cfg)}
                 atomic_write_json(run_dir / BEST_FILE, best)
             save_checkpoint(agent_path, AGENT_FORMAT, {
                 "agent": agent.state_dict(), "rng": rng_state(), "episodes": episode + 1, "best": best})
@@ -188,7 +186,40 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
         writer.close()
     if best is None:
         raise UserError("no episode met the budget", where=str(run_dir))
-    return best
+    answer = choose_answer(workspace, env, run_dir, progress)
+    atomic_write_json(run_dir / BEST_FILE, answer)
+    return answer
+
+
+def policy_record(env, keep: list[int], cfg: Config) -> dict:
+    """What best_policy.json says about a policy besides its scores."""
+    space = env.space
+    measures = space.measures(keep)
+    return {"units": space.names, "keep": list(keep), "ratios": [k / s for k, s in zip(keep, space.sizes)],
+            "cost_ratio": space.cost(keep) / env.full_cost,
+            **{f"{name}_ratio": value / env.full_measures[name] for name, value in measures.items()},
+            "mode": cfg.search.mode, "resource": cfg.search.resource, "target": cfg.search.target}
+
+
+def choose_answer(workspace: Workspace, env, run_dir: Path, progress: bool = True) -> dict:
+    """The run's answer: the top-K policies by reward and the rules, scored on the selection split.
+
+    See amc/selection.py for why. With ``data.select_size: 0`` the candidates are compared on
+    reward-val, where the search's own candidates carry their selection bias (recorded).
+    """
+    from amc.selection import as_records, reward_noise, rule_candidates, select, top_policies
+
+    cfg = workspace.cfg
+    split = "select" if cfg.data.select_size else "reward_val"
+    candidates = top_policies(read_episodes(run_dir), env.space.names, env.space.sizes, cfg.search.select_top_k)
+    candidates += rule_candidates(workspace)
+    measure = env.space.reward_measure
+    winner = select(workspace, candidates, lambda error, keep: env.reward_fn(error, env.space.measures(keep)[measure]),
+                    split, progress)
+    noise = reward_noise(workspace, winner.keep, seed=cfg.seed)
+    return {"source": winner.source, "episode": winner.episode, "reward": winner.reward,
+            "error": 1.0 - noise["reward_val_top1"], **policy_record(env, winner.keep, cfg),
+            "selection": {"split": split, "candidates": as_records(candidates)}, "noise": noise}
 
 
 def read_episodes(run_dir: Path) -> list[dict]:

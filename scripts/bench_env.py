@@ -46,7 +46,7 @@ def random_splits(ws: Workspace) -> DataSplits:
     labels = torch.randint(0, classes, (n,), generator=generator)
     train = InMemoryImages(images, labels, torch.arange(d.reward_val_size, n))
     reward_val = InMemoryImages(images, labels, torch.arange(d.reward_val_size))
-    return DataSplits(train=train, train_eval=train, reward_val=reward_val, test=reward_val,
+    return DataSplits(train=train, train_eval=train, reward_val=reward_val, select=reward_val, test=reward_val,
                       num_classes=classes, in_channels=channels)
 
 

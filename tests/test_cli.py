@@ -29,10 +29,19 @@ def test_run_export_finetune_eval(demo_raw, tmp_path, capsys):
     config = write_config(tmp_path / "demo.yaml", demo_raw)
     assert main(["run", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "original" in out and "fine-tuned" in out and "test top-1" in out
+    table = out[out.index("\n", out.index("fine-tuned checkpoint")) + 1:].splitlines()
+    assert "test after FT" in table[0] and "select" in table[0]
+    names = [line.split("  ")[0] for line in table[2:-1]]
+    assert names[0] == "original" and names[2:] == ["uniform", "global"]
+    assert names[1].startswith("AMC (episode ") or names[1].startswith("answer: ")
+    assert table[-1].startswith("answer: ") and "on the select split" in table[-1]
     run_dir = Path(demo_raw["search"]["run_dir"])
-    for name in ("pruned.pt", "pruned_ft.pt", "best_policy.png", "episodes.png", "episodes.csv"):
+    for name in ("pruned.pt", "pruned_ft.pt", "rule_uniform.pt", "rule_uniform_ft.pt", "rule_global_ft.pt",
+                 "best_policy.png", "episodes.png", "episodes.csv"):
         assert (run_dir / name).is_file(), name
+    for rule in ("uniform", "global"):  # the rules at the same budget, measured the same way
+        assert load_checkpoint(run_dir / f"rule_{rule}.pt", "amc-pruned")["metrics"]["macs"] <= \
+            0.5 * count_macs(amc.checkpoint.load_model(demo_raw["model"]["checkpoint"])[0], (1, 1, 8, 8))
 
     # the exported checkpoint: weights_only, and physically what the policy predicts
     data = torch.load(run_dir / "pruned.pt", weights_only=True)

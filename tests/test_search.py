@@ -31,9 +31,10 @@ def test_search_writes_the_run_directory(demo_cfg, tmp_path):
     table = rows(run_dir)
     assert [int(r["episode"]) for r in table] == list(range(demo_cfg.search.episodes))
     assert all(float(r["macs_ratio"]) <= demo_cfg.search.target + 1e-9 for r in table)
-    assert best["reward"] == max(float(r["reward"]) for r in table)
     saved = json.loads((run_dir / "best_policy.json").read_text())
-    assert saved["keep"] == best["keep"] and len(saved["keep"]) == len(saved["units"])
+    assert saved == json.loads(json.dumps(best)) and len(saved["keep"]) == len(saved["units"])
+    searched = [c for c in saved["selection"]["candidates"] if c["source"] == "search"]
+    assert searched[0]["reward"] == max(float(r["reward"]) for r in table)  # the search's best is a candidate
     assert (run_dir / "config.yaml").is_file() and (run_dir / "agent.pt").is_file()
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     sigmas = [float(r["sigma"]) for r in table]  # decays only after warmup
@@ -41,6 +42,34 @@ def test_search_writes_the_run_directory(demo_cfg, tmp_path):
     assert sigmas[warmup] == pytest.approx(demo_cfg.agent.noise_sigma)  # the sigma each episode explored with
     assert sigmas[warmup + 1] == pytest.approx(demo_cfg.agent.noise_sigma * demo_cfg.agent.noise_decay)
     assert sigmas[-1] < sigmas[warmup]
+
+
+def test_the_answer_is_chosen_on_the_selection_split(demo_cfg, tmp_path):
+    """Top-K distinct policies by reward plus uniform and global, repaired as export repairs
+    them and scored on the held-out selection split; the best of them is the run's answer."""
+    from amc.export import prune_policy
+    from amc.factory import Workspace
+    from amc.metrics import accuracy
+
+    cfg = demo_cfg.model_copy(update={"search": demo_cfg.search.model_copy(update={"select_top_k": 4})})
+    answer = search(cfg, tmp_path / "run", progress=False)
+    candidates = answer["selection"]["candidates"]
+    assert answer["selection"]["split"] == "select"
+    assert [c["source"] for c in candidates] == ["search"] * 4 + ["uniform", "global"]
+    assert len({tuple(c["keep"]) for c in candidates if c["source"] == "search"}) == 4
+    rewards = [c["reward"] for c in candidates if c["source"] == "search"]
+    assert rewards == sorted(rewards, reverse=True)
+    winner = max(candidates, key=lambda c: c["score"])
+    assert (answer["source"], answer["keep"]) == (winner["source"], winner["keep"])
+    workspace = Workspace(cfg)
+    for c in (winner, candidates[-1]):  # recomputed independently: export's repair, fp32, selection split
+        model, _ = prune_policy(workspace, c["keep"])
+        assert accuracy(model, workspace.loader("select"))["top1"] == pytest.approx(c["select_top1"])
+    assert answer["macs_ratio"] <= cfg.search.target + 1e-9
+    noise = answer["noise"]
+    p, n = noise["reward_val_top1"], cfg.data.reward_val_size
+    assert noise["bootstrap_se"] == pytest.approx((p * (1 - p) / n) ** 0.5, rel=0.3)
+    assert len(noise["calibration_top1"]) == 3 and noise["calibration_spread"] >= 0
 
 
 def test_run_files_follow_the_umask_and_no_temp_dir_is_left(demo_cfg, tmp_path, monkeypatch):

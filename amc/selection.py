@@ -1,0 +1,103 @@
+"""Honest selection: the run's answer is chosen on images the search never scored.
+
+The search keeps the policy with the best reward, but that reward is the maximum of many noisy
+scores on one reward-val subset, so part of the winner's margin is luck (docs/benchmarks.md
+measured a Spearman correlation of 0.04 between reward-val and test ranks among the ten best).
+After the search, the top-K distinct policies by reward and the rule policies at the same
+budget (uniform, global magnitude) are repaired exactly as export repairs them and scored on a
+separate selection split, held out of training and disjoint from reward-val and test. The best
+of them is the run's answer; when a rule wins, the run says so. The test split stays for
+reporting only.
+
+The run also measures its reward's noise: the bootstrap standard error of the answer's
+reward-val accuracy over images, and the spread of its score when it is repaired with other
+calibration samples. Margins between policies smaller than these are not evidence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from amc.baselines import baseline_policy
+from amc.errors import UserError
+from amc.export import prune_policy
+from amc.factory import Workspace
+from amc.metrics import sample_hits
+
+RULES = ("uniform", "global")
+BOOTSTRAP_SAMPLES = 1000
+CALIBRATION_REDRAWS = 3
+
+
+@dataclass
+class Candidate:
+    source: str  # "search" or a rule's name
+    keep: list[int]
+    episode: int | None = None
+    reward: float | None = None  # the search's reward (search candidates only)
+    select_top1: float | None = None
+    score: float | None = None  # what selection ranks: the protocol's reward on the selection split
+
+
+def top_policies(rows: list[dict], names: list[str], sizes: list[int], k: int) -> list[Candidate]:
+    """The ``k`` best episodes of episodes.csv with distinct policies, best reward first."""
+    seen, best = set(), []
+    for row in sorted((r for r in rows if math.isfinite(r["reward"])), key=lambda r: -r["reward"]):
+        keep = tuple(int(round(row[n] * s)) for n, s in zip(names, sizes))
+        if keep not in seen:
+            seen.add(keep)
+            best.append(Candidate("search", list(keep), int(row["episode"]), float(row["reward"])))
+        if len(best) == k:
+            break
+    return best
+
+
+def rule_candidates(workspace: Workspace) -> list[Candidate]:
+    """The rules at the same budget; none for the accuracy protocol (no budget to match)."""
+    cfg = workspace.cfg
+    if cfg.search.protocol != "resource":
+        return []
+    methods = RULES if cfg.search.mode == "channel" else ("uniform",)
+    return [Candidate(method, baseline_policy(cfg, method, workspace)) for method in methods]
+
+
+def score_on_split(workspace: Workspace, keep: list[int], split: str, seed: int | None = None) -> np.ndarray:
+    """Per-image hits of ``keep`` repaired as export repairs it, on ``split`` (fp32)."""
+    model, _ = prune_policy(workspace, keep, calibration_seed=seed)
+    return sample_hits(model, workspace.loader(split), workspace.cfg.search.reward_metric)
+
+
+def select(workspace: Workspace, candidates: list[Candidate], reward_of: Callable[[float, list[int]], float],
+           split: str = "select", progress: bool = False) -> Candidate:
+    """Score every candidate on ``split``; the best score wins (the earlier candidate on a tie).
+
+    ``reward_of(error, keep)`` is the protocol's reward, so the accuracy-guaranteed protocol
+    still trades error against cost here.
+    """
+    if not candidates:
+        raise UserError("no policy to select from", field="search")
+    for c in tqdm(candidates, desc=f"select on {split}", disable=not progress, leave=False):
+        hits = score_on_split(workspace, c.keep, split)
+        c.select_top1 = float(hits.mean())
+        c.score = reward_of(1.0 - c.select_top1, c.keep)
+    return max(candidates, key=lambda c: c.score)
+
+
+def reward_noise(workspace: Workspace, keep: list[int], seed: int = 0) -> dict:
+    """How much a policy's reward moves by chance: over reward-val images, and over calibration samples."""
+    hits = score_on_split(workspace, keep, "reward_val")
+    rng = np.random.default_rng(seed)
+    boot = hits[rng.integers(0, len(hits), size=(BOOTSTRAP_SAMPLES, len(hits)))].mean(axis=1)
+    redraws = [float(score_on_split(workspace, keep, "reward_val", seed=workspace.cfg.seed + 1000 + i).mean())
+               for i in range(CALIBRATION_REDRAWS)]
+    return {"reward_val_top1": float(hits.mean()), "bootstrap_se": float(boot.std(ddof=1)),
+            "calibration_top1": redraws, "calibration_spread": float(np.std([hits.mean(), *redraws], ddof=1))}
+
+
+def as_records(candidates: list[Candidate]) -> list[dict]:
+    return [asdict(c) for c in candidates]
