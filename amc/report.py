@@ -32,8 +32,10 @@ def human(n: float) -> str:
 
 def summary_table(columns: dict[str, dict], markdown: bool = False) -> str:
     """Rows: MACs, params, latency, top-1 per column (e.g. original / pruned / fine-tuned)."""
+    large = sorted({k for m in columns.values() for k in m if k.startswith("latency_ms_b")})
     fields = [("MACs", "macs", human), ("params", "params", human), ("non-zero params", "nonzero_params", human),
               ("latency (ms)", "latency_ms", lambda v: f"{v:.2f}"),
+              *[(f"latency, batch {k.removeprefix('latency_ms_b')} (ms)", k, lambda v: f"{v:.2f}") for k in large],
               ("reward-val top-1", "reward_val_top1", lambda v: f"{100 * v:.2f}%"),
               ("test top-1", "test_top1", lambda v: f"{100 * v:.2f}%")]
     rows = [[label] + [fmt(m[key]) if key in m else "-" for m in columns.values()] for label, key, fmt in fields]
