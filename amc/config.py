@@ -264,7 +264,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw if raw is not None else {}
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+def load_config(path: str | Path, overrides: Sequence[str] | None = None) -> Config:
     return config_from_dict(read_yaml(path), str(path), overrides or ())
 
 

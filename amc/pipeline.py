@@ -145,17 +145,17 @@ def load_for_config(path: Path, ws: Workspace, formats: tuple[str, ...] = (BASE_
     """
     model, data = load_model(path, formats)
     spec = data["spec"] if data["format"] == BASE_FORMAT else data["arch"]
-    shape = tuple(data.get("input_shape", ws.input_shape))  # a base checkpoint stores no input shape
-    if spec != ws.spec or shape != ws.input_shape:
+    shape = tuple(data["input_shape"]) if "input_shape" in data else None  # a base checkpoint stores none
+    if spec != ws.spec or shape not in (None, ws.input_shape):
         raise UserError(f"holds {_describe(spec, shape)}, but {ws.cfg.source} describes "
                         f"{_describe(ws.spec, ws.input_shape)}", where=str(path))
     return model, data
 
 
-def _describe(spec: dict, input_shape: tuple[int, ...]) -> str:
+def _describe(spec: dict, input_shape: tuple[int, ...] | None) -> str:
     kwargs = f" {json.dumps(spec['kwargs'])}" if spec.get("kwargs") else ""
-    return (f"{spec['name']}{kwargs} for {spec['num_classes']} classes on "
-            f"{'x'.join(str(n) for n in input_shape[1:])} inputs")
+    inputs = f" on {'x'.join(str(n) for n in input_shape[1:])} inputs" if input_shape else ""
+    return f"{spec['name']}{kwargs} for {spec['num_classes']} classes{inputs}"
 
 
 def run_all(cfg: Config, episodes: int | None = None, progress: bool = True) -> str:

@@ -200,7 +200,7 @@ def test_checkpoint_for_another_config_is_refused(demo_raw, tmp_path, cli, comma
                       f"demo_cnn for 10 classes on 1x16x16 inputs")
     if command == "eval":
         assert_user_error(cli(tmp_path, "eval", str(base), "--config", str(other)),
-                          f"{base}: holds demo_cnn for 10 classes", f"but {other} describes branchy_cnn")
+                          f"{base}: holds demo_cnn for 10 classes, but {other} describes branchy_cnn for 10 classes")
     assert snapshot(tmp_path) == before
 
 
