@@ -9,6 +9,12 @@ weights.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +45,11 @@ def load_checkpoint(path: str | Path, fmt: str | tuple[str, ...]) -> dict[str, A
     if not path.is_file():
         raise UserError("checkpoint not found", where=str(path))
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, corrupted, or a pickle needing arbitrary classes
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"not a readable checkpoint ({reason[:160]})", where=str(path)) from None
+        with warnings.catch_warnings():  # torch warns about foreign pickles it is about to refuse anyway
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"not a readable checkpoint ({_unreadable_reason(exc)})", where=str(path)) from None
     if not isinstance(data, dict) or data.get("format") not in VERSIONS:
         raise UserError("not an amc checkpoint (no amc format field)", where=str(path))
     if data["format"] not in formats:
@@ -53,6 +60,17 @@ def load_checkpoint(path: str | Path, fmt: str | tuple[str, ...]) -> dict[str, A
             f"format version {version} is newer than this amc supports ({supported}); upgrade amc-search",
             where=str(path))
     return data
+
+
+def _unreadable_reason(exc: Exception) -> str:
+    """A short reason for ``torch.load``'s failure (its own messages are paragraphs about weights_only)."""
+    text = str(exc)
+    pickled = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if pickled:
+        return f"it holds a pickled {pickled[1]} object; amc loads only plain-data checkpoints"
+    if isinstance(exc, EOFError) or "central directory" in text or "zip archive" in text:
+        return "the file is truncated or corrupted"
+    return "not a file written by torch.save"
 
 
 def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> None:

@@ -7,6 +7,10 @@ a silently ignored setting. ``load_config`` turns every validation problem into 
 
 from __future__ import annotations
 
+import copy
+import difflib
+import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,10 +120,11 @@ class FinetuneConfig(Section):
 
 
 class LatencyConfig(Section):
-    batch_size: int = Field(1, gt=0)
+    batch_size: int = Field(1, gt=0, description="batch of the latency budget and of the reported latency_ms")
+    large_batch: int = Field(64, gt=0, description="a second batch, reported as latency_ms_b<large_batch>")
     threads: int = Field(1, gt=0)
-    warmup: int = Field(5, ge=0)
-    repeats: int = Field(20, gt=0)
+    warmup: int = Field(5, ge=0, description="untimed passes before timing")
+    repeats: int = Field(20, gt=0, description="timed samples; the median is reported")
 
 
 class Config(Section):
@@ -133,16 +138,45 @@ class Config(Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     source: str = Field("<memory>", exclude=True, description="the file this config came from")
+    overrides: list[str] = Field(default_factory=list, exclude=True, description="the --set KEY=VALUE applied")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def command(self, name: str) -> str:
+        """The shell command running ``amc NAME`` on this config with its ``--set`` overrides (for hints)."""
+        return shlex.join(["amc", name, self.source, *(arg for o in self.overrides for arg in ("--set", o))])
+
+
+# DataSplits attributes `amc eval --split` may name (a held-out selection split is one more entry)
+EVAL_SPLITS = ("reward_val", "select", "test")
+# What `amc export --set` may change in a run's config: where the data lives, the device and how the
+# result is measured; never what decides the exported weights (model, data, search, seed).
+EXPORT_SETTABLE = ("device", "data.root", "data.num_workers", "data.eval_batch_size", "latency")
+
+
+def _known_fields(loc: Sequence[str | int]) -> list[str]:
+    """The user-settable field names of the section at ``loc`` (empty when it is not a section)."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return [name for name, field in model.model_fields.items() if not field.exclude]
+
+
+def _did_you_mean(loc: Sequence[str | int]) -> str:
+    close = difflib.get_close_matches(str(loc[-1]), _known_fields(loc[:-1]), n=1)
+    return f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?)" if close else ""
 
 
 def _format_error(err: dict[str, Any]) -> str:
     field = ".".join(str(p) for p in err["loc"]) or "<top level>"
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _did_you_mean(err["loc"])
     elif err["type"] == "missing":
         msg = "required field is missing"
     elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
@@ -150,16 +184,45 @@ def _format_error(err: dict[str, Any]) -> str:
     return f"{field}: {msg.removeprefix('Value error, ')}"
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "<memory>") -> Config:
-    """Validate a plain dict; the first problem becomes a ``UserError`` naming ``source``."""
+def config_from_dict(raw: dict[str, Any], source: str = "<memory>", overrides: Sequence[str] = ()) -> Config:
+    """Validate a plain dict with ``--set`` overrides applied (``raw`` is not changed).
+
+    The first problem becomes a ``UserError`` naming the ``--set`` that caused it, else ``source``.
+    """
     if not isinstance(raw, dict):
         raise UserError("the top level must be a mapping of sections", where=source)
     try:
-        cfg = Config.model_validate(raw)
+        cfg = Config.model_validate(apply_overrides(copy.deepcopy(raw), overrides))
     except ValidationError as exc:
-        raise UserError(_format_error(exc.errors()[0]), where=source) from None
+        err = exc.errors()[0]
+        culprit = _blame(err["loc"], raw, overrides)
+        raise UserError(_format_error(err), where=f"--set {culprit}" if culprit else source) from None
     cfg.source = source
+    cfg.overrides = list(overrides)
     return cfg
+
+
+def _blame(loc: Sequence[str | int], raw: dict[str, Any], overrides: Sequence[str]) -> str | None:
+    """The override that caused an error at ``loc``, or None when the file did.
+
+    An override that wrote the field (or a parent of it) is to blame. One that wrote inside the
+    field (a section validator's error, an unknown key it created) is, unless the file alone
+    already fails there.
+    """
+    loc = [str(p) for p in loc]
+    paths = [(text, parse_override(text)[0]) for text in reversed(overrides)]  # the last --set of a key wins
+    for text, path in paths:
+        if loc[:len(path)] == path:
+            return text
+    inside = [text for text, path in paths if loc and path[:len(loc)] == loc]
+    if not inside:
+        return None
+    try:
+        Config.model_validate(raw)
+    except ValidationError as exc:
+        if any([str(p) for p in e["loc"]] == loc for e in exc.errors()):
+            return None
+    return inside[0]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -167,10 +230,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set expects key.sub=value, got {text!r}")
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise UserError(f"--set {text}: the value is not valid YAML") from None
+    return key.strip().split("."), parsed
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Write each ``key.sub=value`` into ``raw`` (in place) and return it."""
     for text in overrides:
         path, value = parse_override(text)
         node = raw
@@ -200,9 +268,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw if raw is not None else {}
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    raw = apply_overrides(read_yaml(path), overrides or [])
-    return config_from_dict(raw, source=str(path))
+def load_config(path: str | Path, overrides: Sequence[str] | None = None) -> Config:
+    return config_from_dict(read_yaml(path), str(path), overrides or ())
 
 
 def run_dir_for(cfg: Config) -> Path:

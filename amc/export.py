@@ -12,18 +12,17 @@ from amc.calibration import recalibrate_batchnorm, reconstruct
 from amc.checkpoint import PRUNED_FORMAT, save_checkpoint
 from amc.errors import UserError
 from amc.factory import Workspace, calibration_batches
-from amc.metrics import accuracy, count_macs, count_nonzero_params, count_params, measure_latency
+from amc.metrics import accuracy, count_macs, count_nonzero_params, count_params, latency_report
 
 
 def measure(model: nn.Module, workspace: Workspace, splits: tuple[str, ...] = ("reward_val", "test")) -> dict:
-    """MACs, parameters (all and non-zero), latency and top-1 / top-5 on the named splits."""
-    lat = workspace.cfg.latency
+    """MACs, parameters (all and non-zero), latency (two batch sizes) and top-1 / top-5 on the named splits."""
     model = model.to(workspace.device).eval()
     out = {
         "macs": count_macs(model, workspace.input_shape),
         "params": count_params(model),
         "nonzero_params": count_nonzero_params(model),
-        "latency_ms": measure_latency(model, workspace.input_shape, lat.batch_size, lat.threads, lat.warmup, lat.repeats),
+        **latency_report(model, workspace.input_shape, workspace.cfg.latency),
     }
     for split in splits:
         acc = accuracy(model, workspace.loader(split))

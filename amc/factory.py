@@ -114,8 +114,7 @@ class Workspace:
         """The trained base model, in eval mode on the device."""
         path = self.checkpoint_path
         if not path.is_file():
-            raise UserError(f"trained base model not found; run `amc train {self.cfg.source}` first",
-                            where=str(path))
+            raise UserError(f"trained base model not found; run `{self.cfg.command('train')}` first", where=str(path))
         model = self.new_model()  # a bad model name or import path is the config's fault, not the checkpoint's
         data = load_checkpoint(path, BASE_FORMAT)
         if data["spec"] != self.spec:

@@ -47,7 +47,7 @@ from amc.graph import LayerInfo, PrunableGraph
 from amc.metrics import measure_latency
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each timing sample lasts at least metrics.MIN_SAMPLE_S
 
 
 def cache_dir() -> Path:

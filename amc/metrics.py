@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 from collections.abc import Iterable
@@ -13,6 +14,8 @@ import thop
 import torch
 from thop.vision.basic_hooks import zero_ops
 from torch import nn
+
+from amc.config import LatencyConfig
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -50,27 +53,62 @@ def torch_threads(threads: int):
         torch.set_num_threads(before)
 
 
+MIN_SAMPLE_S = 0.001  # a timed sample repeats the forward pass until it lasts this long
+MIN_SAMPLES = 5  # samples taken whatever the time limit
+MAX_PHASE_S = 1.0  # warmup, and sampling, stop after this long once their minimum is done
+
+
 @torch.inference_mode()
 def measure_latency(
     model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1, threads: int = 1,
     warmup: int = 5, repeats: int = 20,
 ) -> float:
-    """Median wall time of one forward pass in milliseconds, after ``warmup`` untimed passes."""
+    """Median wall time of one forward pass of a ``batch_size`` batch, in milliseconds.
+
+    ``warmup`` untimed passes come first (allocator, caches, lazy kernel selection). Each of the
+    ``repeats`` samples then times back-to-back passes lasting at least ``MIN_SAMPLE_S``: a
+    sub-millisecond model timed one call at a time measures the timer and the scheduler. The
+    median ignores samples another process interrupted. A slow model (a large batch on a CPU)
+    stops warming up, and sampling, after ``MAX_PHASE_S`` each, with at least one warmup pass
+    and ``MIN_SAMPLES`` samples (or ``repeats`` when fewer).
+    """
     model = model.eval()
     device = next(model.parameters()).device
     x = torch.randn((batch_size, *input_shape[1:]), device=device)
-    times = []
-    with torch_threads(threads):
-        for i in range(warmup + repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+
+    def timed(passes: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(passes):
             model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    with torch_threads(threads):
+        spent = 0.0
+        for _ in range(warmup):
+            spent += timed(1)
+            if spent >= MAX_PHASE_S:
+                break
+        one = timed(1)  # also the last warmup pass
+        passes = max(1, math.ceil(MIN_SAMPLE_S / max(one, 1e-9)))
+        samples: list[float] = []
+        spent = 0.0
+        while len(samples) < repeats and (spent < MAX_PHASE_S or len(samples) < MIN_SAMPLES):
+            elapsed = timed(passes)
+            spent += elapsed
+            samples.append(elapsed / passes)
+    return 1000.0 * statistics.median(samples)
+
+
+def latency_report(model: nn.Module, input_shape: tuple[int, ...], cfg: LatencyConfig) -> dict[str, float]:
+    """``latency_ms`` at ``cfg.batch_size`` and ``latency_ms_b<N>`` at ``cfg.large_batch`` (ms per batch)."""
+    report = {}
+    for key, batch in (("latency_ms", cfg.batch_size), (f"latency_ms_b{cfg.large_batch}", cfg.large_batch)):
+        report[key] = measure_latency(model, input_shape, batch, cfg.threads, cfg.warmup, cfg.repeats)
+    return report
 
 
 @torch.inference_mode()

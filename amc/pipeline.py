@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from torch import nn
 
 from amc.checkpoint import BASE_FORMAT, PRUNED_FORMAT, load_model, save_checkpoint
-from amc.config import Config, run_dir_for
+from amc.config import EVAL_SPLITS, EXPORT_SETTABLE, Config, config_from_dict, parse_override, run_dir_for
 from amc.data import split_signature
 from amc.errors import UserError
 from amc.export import export_onnx, measure, prune_policy, save_pruned
@@ -70,14 +71,23 @@ def read_policy(run_dir: Path, policy: str) -> dict:
     return data
 
 
-def export_run(run_dir: Path, policy: str = "best", out: Path | None = None, onnx: Path | None = None) -> tuple[Path, dict]:
+def export_run(run_dir: Path, policy: str = "best", out: Path | None = None, onnx: Path | None = None,
+               overrides: Sequence[str] = ()) -> tuple[Path, dict]:
     """Prune the base model to a run's policy, measure it and write the pruned checkpoint.
 
     With the run's own answer (``policy="best"``), the rules it was selected against (uniform,
     global) are exported beside it as ``rule_<name>.pt`` and measured the same way, under
-    ``metrics["rules"]``, so the user sees whether the search paid off.
+    ``metrics["rules"]``, so the user sees whether the search paid off. ``overrides`` (``--set``)
+    may change only the fields in ``EXPORT_SETTABLE``.
     """
     cfg = load_run_config(run_dir)
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if not any(key == f or key.startswith(f + ".") for f in EXPORT_SETTABLE):
+            raise UserError(f"export uses the run's config; --set may change only {', '.join(EXPORT_SETTABLE)}",
+                            where=f"--set {text}")
+    if overrides:
+        cfg = config_from_dict(cfg.to_dict(), cfg.source, overrides)
     seed_everything(cfg.seed)
     ws = Workspace(cfg)
     chosen = read_policy(run_dir, policy)
@@ -126,7 +136,7 @@ def finetune(path: Path, cfg: Config, epochs: int | None = None, distill: bool |
     """Train a pruned checkpoint on the config's data; optionally distil from the base model."""
     seed_everything(cfg.seed)
     ws = Workspace(cfg)
-    model, data = load_model(path, (PRUNED_FORMAT,))
+    model, data = load_for_config(path, ws, (PRUNED_FORMAT,))
     model.to(ws.device)
     finetune_model(model, ws, data["plan"].get("kind", "channel"), epochs, distill, progress)
     metrics = measure(model, ws)
@@ -135,10 +145,37 @@ def finetune(path: Path, cfg: Config, epochs: int | None = None, distill: bool |
     return out, metrics
 
 
-def evaluate(path: Path, cfg: Config) -> dict:
+def evaluate(path: Path, cfg: Config, split: str = "test") -> dict:
+    """A base or pruned checkpoint's costs and accuracy on one split (``EVAL_SPLITS``) of the config's data."""
+    if split not in EVAL_SPLITS:
+        raise UserError(f"unknown split {split!r}; choose from {', '.join(EVAL_SPLITS)}", field="split")
+    if split == "select" and not cfg.data.select_size:
+        raise UserError("the config holds out no selection split (data.select_size is 0)", field="--split")
     ws = Workspace(cfg)
-    model, _ = load_model(path)
-    return measure(model, ws, splits=("test",))
+    model, _ = load_for_config(path, ws)
+    return measure(model, ws, splits=(split,))
+
+
+def load_for_config(path: Path, ws: Workspace, formats: tuple[str, ...] = (BASE_FORMAT, PRUNED_FORMAT)
+                    ) -> tuple[nn.Module, dict]:
+    """Load a checkpoint, refusing one made for another architecture or data shape than the config's.
+
+    Without this check a checkpoint evaluated (or fine-tuned) with an unrelated config runs on
+    the wrong data and reports a meaningless accuracy.
+    """
+    model, data = load_model(path, formats)
+    spec = data["spec"] if data["format"] == BASE_FORMAT else data["arch"]
+    shape = tuple(data["input_shape"]) if "input_shape" in data else None  # a base checkpoint stores none
+    if spec != ws.spec or shape not in (None, ws.input_shape):
+        raise UserError(f"holds {_describe(spec, shape)}, but {ws.cfg.source} describes "
+                        f"{_describe(ws.spec, ws.input_shape)}", where=str(path))
+    return model, data
+
+
+def _describe(spec: dict, input_shape: tuple[int, ...] | None) -> str:
+    kwargs = f" {json.dumps(spec['kwargs'])}" if spec.get("kwargs") else ""
+    inputs = f" on {'x'.join(str(n) for n in input_shape[1:])} inputs" if input_shape else ""
+    return f"{spec['name']}{kwargs} for {spec['num_classes']} classes{inputs}"
 
 
 def run_all(cfg: Config, episodes: int | None = None, progress: bool = True) -> str:

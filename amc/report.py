@@ -32,8 +32,10 @@ def human(n: float) -> str:
 
 def comparison_table(rows: dict[str, dict], markdown: bool = False) -> str:
     """One row per model (original, the answer, each rule): size, cost and accuracy before and after fine-tuning."""
+    large = sorted({k for m in rows.values() for k in m if k.startswith("latency_ms_b")})
     fields = [("MACs", "macs", human), ("params", "params", human), ("non-zero", "nonzero_params", human),
-              ("latency ms", "latency_ms", lambda v: f"{v:.2f}"),
+              ("latency ms", "latency_ms", _ms),
+              *[(f"ms, batch {k.removeprefix('latency_ms_b')}", k, _ms) for k in large],
               ("reward-val", "reward_val_top1", _percent), ("select", "select_top1", _percent),
               ("test", "test_top1", _percent), ("test after FT", "finetuned_test_top1", _percent)]
     fields = [f for f in fields if any(f[1] in m for m in rows.values())]
@@ -43,6 +45,10 @@ def comparison_table(rows: dict[str, dict], markdown: bool = False) -> str:
 
 def _percent(v: float) -> str:
     return f"{100 * v:.2f}%"
+
+
+def _ms(v: float) -> str:
+    return f"{v:.2f}"
 
 
 def _save_figure(fig, path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -113,7 +114,7 @@ def test_script_wrappers_accept_config_flag(demo_raw, tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["info", "missing.yaml"], "missing.yaml: config file not found"),
     (["eval", "nope.pt", "--config", "configs/demo_digits.yaml"], "nope.pt: checkpoint not found"),
-    (["search", "--resume", "no_such_run"], "no_such_run: no search to resume here"),
+    (["search", "--resume", "no_such_run"], "no_such_run: no such directory; `amc search --resume` needs"),
     (["train", "configs/demo_digits.yaml", "--epochs", "0"], "--epochs: must be a positive integer"),
     (["info", "configs/demo_digits.yaml", "--set", "model.name=resnet999"], "unknown model"),
     (["info", "configs/demo_digits.yaml", "--set", "model.name=no_such_pkg.mod:factory"], "no_such_pkg"),
@@ -138,3 +139,59 @@ def test_fine_grained_export_and_finetune_keep_the_zeros(demo_raw, tmp_path, cap
     tuned = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert tuned["nonzero_params"] <= exported["nonzero_params"]
     assert tuned["test_top1"] > 0.5
+
+
+def test_help_documents_every_option(capsys):
+    from amc.cli import BASELINES, _parser
+
+    parser = _parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in [("amc", parser), *commands.choices.items()]:
+        for action in sub._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"{name} {action.dest} has no help text"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert f"baseline prune by a rule ({', '.join(BASELINES)})" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("quiet", ["none", "flag before", "flag after", "env"])
+def test_quiet_turns_off_progress_bars(demo_raw, tmp_path, capsys, monkeypatch, quiet):
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    args = ["train", str(config), "--epochs", "1"]
+    if quiet == "flag before":
+        args.insert(0, "--quiet")
+    elif quiet == "flag after":
+        args.append("-q")
+    elif quiet == "env":
+        monkeypatch.setenv("AMC_NO_PROGRESS", "1")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert ("train" in err and "%|" in err) == (quiet == "none"), err
+
+
+def test_warnings_print_one_line_each(demo_raw, tmp_path, capsys, monkeypatch):
+    (tmp_path / "cache").write_text("a file where the latency cache directory should be")
+    monkeypatch.setenv("AMC_CACHE_DIR", str(tmp_path / "cache"))
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    assert main(["info", str(config), "--set", "search.resource=latency"]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("amc: warning: latency table not cached ("), lines
+
+
+def test_eval_split_and_latency_at_two_batches(demo_raw, tmp_path, capsys):
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    base = demo_raw["model"]["checkpoint"]
+    results = {}
+    for split in ("test", "reward_val", None):
+        assert main(["eval", base, "--config", str(config), *(["--split", split] if split else [])]) == 0
+        results[split] = json.loads(capsys.readouterr().out)
+    assert results[None].keys() == results["test"].keys()
+    assert "test_top1" in results["test"] and "reward_val_top1" not in results["test"]
+    assert "reward_val_top1" in results["reward_val"] and "test_top1" not in results["reward_val"]
+    assert results["reward_val"]["reward_val_top1"] > 0.9 and results["test"]["test_top1"] > 0.9
+    # latency per batch of 1 and of 64 (latency.large_batch): the larger batch costs more per pass
+    assert 0 < results["test"]["latency_ms"] < results["test"]["latency_ms_b64"]
+    # --set on eval: a config field for this command only
+    assert main(["eval", base, "--config", str(config), "--set", "latency.large_batch=4"]) == 0
+    assert "latency_ms_b4" in json.loads(capsys.readouterr().out)

@@ -93,3 +93,46 @@ def test_overrides_are_parsed_and_validated(tmp_path):
 def test_every_shipped_config_is_valid():
     for path in sorted(DEMO_CONFIG.parent.glob("*.yaml")):
         load_config(path)
+
+
+@pytest.mark.parametrize("where, key, expected", [
+    ("top", "serach", "serach: unknown key (did you mean search?)"),
+    ("search", "targt", "search.targt: unknown key (did you mean search.target?)"),
+    ("agent", "noise_sigam", "agent.noise_sigam: unknown key (did you mean agent.noise_sigma?)"),
+    ("search", "zzzz", "search.zzzz: unknown key"),
+])
+def test_unknown_key_suggests_the_closest_field(tmp_path, where, key, expected):
+    raw = demo_dict(tmp_path)
+    (raw if where == "top" else raw[where])[key] = 1
+    message = error_for(tmp_path, raw)
+    assert message.endswith(expected)
+    assert "source" not in message  # internal fields are never suggested
+
+
+def test_override_errors_blame_the_override_that_caused_them(tmp_path):
+    raw = demo_dict(tmp_path)
+    path = write_config(tmp_path / "x.yaml", raw)
+
+    def error(overrides, file_raw=raw) -> str:
+        write_config(path, file_raw)
+        with pytest.raises(UserError) as info:
+            load_config(path, overrides)
+        return str(info.value)
+
+    assert error(["search.target=abc"]).startswith("--set search.target=abc: search.target: ")
+    assert error(["search.target=0.5", "search.target=2"]).startswith("--set search.target=2: ")
+    assert error(["search=3"]).startswith("--set search=3: search: ")
+    # a section rule broken by an override, and by the file while an unrelated override is given
+    assert error(["search.rbound=0.1"]).startswith("--set search.rbound=0.1: search: lbound (0.2)")
+    bad_file = demo_dict(tmp_path, search={"lbound": 0.8, "rbound": 0.4})
+    assert error(["search.episodes=3"], bad_file).startswith(f"{path}: search: lbound (0.8)")
+    # an override may repair the file
+    assert load_config(write_config(path, bad_file), ["search.rbound=0.9"]).search.rbound == 0.9
+
+
+def test_config_command_repeats_the_overrides(tmp_path):
+    path = write_config(tmp_path / "my config.yaml", demo_dict(tmp_path))
+    cfg = load_config(path, ["agent.hidden=[64, 64]", "search.target=0.3"])
+    assert cfg.command("train") == f"amc train '{path}' --set 'agent.hidden=[64, 64]' --set search.target=0.3"
+    assert cfg.overrides == ["agent.hidden=[64, 64]", "search.target=0.3"]
+    assert "overrides" not in cfg.to_dict() and "source" not in cfg.to_dict()

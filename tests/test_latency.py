@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from amc.checkpoint import BASE_FORMAT, save_checkpoint
 from amc.config import LatencyConfig, config_from_dict
@@ -11,6 +15,8 @@ from amc.cost import CostModel
 from amc.factory import Workspace
 from amc.graph import find_units
 from amc.latency import LatencyModel, cache_dir
+from amc.data import split_signature
+from amc.metrics import MIN_SAMPLES, latency_report, measure_latency
 from amc.models import build_model, model_spec
 
 from conftest import DEMO_CONFIG, demo_dict
@@ -92,7 +98,8 @@ def test_search_env_meets_latency_budget(tmp_path, cache):
     cfg = config_from_dict(raw, source=str(DEMO_CONFIG))
     ws = Workspace(cfg)
     model = ws.new_model()  # untrained: the budget does not depend on the weights
-    save_checkpoint(cfg.model.checkpoint, BASE_FORMAT, {"spec": ws.spec, "state_dict": model.state_dict()})
+    save_checkpoint(cfg.model.checkpoint, BASE_FORMAT, {"spec": ws.spec, "state_dict": model.state_dict(),
+                                                        "split": split_signature(cfg.data, cfg.seed)})
 
     space = ws.space(ws.base_model)
     assert space.latency is not None and not space.latency.from_cache
@@ -111,3 +118,43 @@ def test_search_env_meets_latency_budget(tmp_path, cache):
         assert info["cost_ratio"] <= cfg.search.target + 1e-9
         assert info["latency_ms_ratio"] == pytest.approx(info["cost_ratio"])
         assert env.space.cost(info["keep"]) <= env.budget + 1e-9
+
+
+class Sleeper(nn.Module):
+    """A forward pass of known duration: ``seconds[i]`` on call i, ``default`` after."""
+
+    def __init__(self, default: float, seconds: tuple[float, ...] = ()):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))  # measure_latency reads the device from a parameter
+        self.default, self.seconds, self.calls = default, seconds, 0
+
+    def forward(self, x):
+        time.sleep(self.seconds[self.calls] if self.calls < len(self.seconds) else self.default)
+        self.calls += 1
+        return x
+
+
+def test_latency_is_the_median_pass_and_ignores_an_interrupted_sample():
+    slow = Sleeper(0.004, seconds=(0.004,) * 4 + (0.2,))  # the first timed pass is held up
+    ms = measure_latency(slow, SHAPE, warmup=3, repeats=7)
+    assert 4.0 <= ms < 100.0  # the 200 ms sample is not the median (sleep may overshoot on a busy machine)
+
+
+def test_sub_millisecond_passes_are_timed_in_runs():
+    fast = Sleeper(0.0)
+    measure_latency(fast, SHAPE, warmup=2, repeats=5)
+    assert fast.calls > 2 + 1 + 5  # each sample times several back-to-back passes, not one call
+
+
+def test_slow_models_stop_warming_up_and_sampling_after_a_second():
+    slow = Sleeper(0.3)
+    started = time.perf_counter()
+    ms = measure_latency(slow, SHAPE, warmup=10, repeats=50)
+    assert slow.calls == 4 + 1 + MIN_SAMPLES  # warmup until 1 s, the probe pass, then the minimum of samples
+    assert ms >= 300 and time.perf_counter() - started < 20
+
+
+def test_latency_report_gives_batch_1_and_the_large_batch():
+    report = latency_report(build_model("demo_cnn", 10, 1), SHAPE, LatencyConfig(repeats=5, warmup=1, large_batch=32))
+    assert set(report) == {"latency_ms", "latency_ms_b32"}
+    assert 0 < report["latency_ms"] < report["latency_ms_b32"]

@@ -7,7 +7,9 @@ status 2, and nothing written or changed on disk.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -112,8 +114,10 @@ def test_unwritable_run_directory_fails_at_start(demo_raw, tmp_path, cli):
     assert_user_error(cli(tmp_path, "search", str(config)), "run directory is not writable")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "foreign", "newer", "wrong kind"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "text", "pickled object", "foreign", "newer", "wrong kind"])
 def test_damaged_checkpoints_are_refused(demo_raw, tmp_path, damage, cli):
+    import argparse
+
     config = write_config(tmp_path / "demo.yaml", demo_raw)
     base = Path(demo_raw["model"]["checkpoint"])
     path = tmp_path / "ckpt.pt"
@@ -121,6 +125,10 @@ def test_damaged_checkpoints_are_refused(demo_raw, tmp_path, damage, cli):
         path.write_bytes(base.read_bytes()[: base.stat().st_size // 2])
     elif damage == "garbage":
         path.write_bytes(os.urandom(4096))
+    elif damage == "text":
+        path.write_text("seed: 0\n")
+    elif damage == "pickled object":
+        torch.save({"format": "amc-base", "version": 1, "obj": argparse.Namespace(run="code")}, path)
     elif damage == "foreign":
         torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
     elif damage == "newer":
@@ -128,11 +136,16 @@ def test_damaged_checkpoints_are_refused(demo_raw, tmp_path, damage, cli):
         torch.save({**data, "version": 99}, path)
     else:
         save_checkpoint(path, "amc-agent", {"agent": {}})
-    expected = {"truncated": "not a readable checkpoint", "garbage": "not a readable checkpoint",
+    expected = {"truncated": "not a readable checkpoint (the file is truncated or corrupted)",
+                "garbage": "not a readable checkpoint (not a file written by torch.save)",
+                "text": "not a readable checkpoint (not a file written by torch.save)",
+                "pickled object": "not a readable checkpoint (it holds a pickled argparse.Namespace object; "
+                                  "amc loads only plain-data checkpoints)",
                 "foreign": "not an amc checkpoint", "newer": "format version 99 is newer",
                 "wrong kind": "is an amc-agent checkpoint"}[damage]
     before = snapshot(tmp_path)
-    assert_user_error(cli(tmp_path, "eval", str(path), "--config", str(config)), str(path), expected)
+    message = assert_user_error(cli(tmp_path, "eval", str(path), "--config", str(config)), str(path), expected)
+    assert "weights_only" not in message and len(message) < 200  # not torch's paragraph
     assert snapshot(tmp_path) == before
 
 
@@ -166,3 +179,121 @@ def test_full_disk_fails_at_start(demo_raw, tmp_path, cli, monkeypatch):
     config = write_config(tmp_path / "demo.yaml", demo_raw)
     assert_user_error(cli(tmp_path, "search", str(config)), "only 1 MiB free")
     assert not (Path(demo_raw["search"]["run_dir"]) / "episodes.csv").exists()
+
+
+def uniform_checkpoint(cli, tmp_path: Path, config: Path) -> Path:
+    out = tmp_path / "uniform.pt"
+    assert cli(tmp_path, "baseline", str(config), "--method", "uniform", "--out", str(out)).returncode == 0
+    return out
+
+
+@pytest.mark.parametrize("command", ["eval", "finetune"])
+def test_checkpoint_for_another_config_is_refused(demo_raw, tmp_path, cli, command):
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    pruned = uniform_checkpoint(cli, tmp_path, config)
+    base = Path(demo_raw["model"]["checkpoint"])
+    other = write_config(tmp_path / "other.yaml", {**demo_raw, "model": {**demo_raw["model"], "name": "branchy_cnn"}})
+    before = snapshot(tmp_path)
+    # a pruned checkpoint with 16x16 inputs (the shape the checkpoint stores), a base one with another model
+    assert_user_error(cli(tmp_path, command, str(pruned), "--config", str(config), "--set", "data.input_size=16"),
+                      f"{pruned}: holds demo_cnn for 10 classes on 1x8x8 inputs, but {config} describes "
+                      f"demo_cnn for 10 classes on 1x16x16 inputs")
+    if command == "eval":
+        assert_user_error(cli(tmp_path, "eval", str(base), "--config", str(other)),
+                          f"{base}: holds demo_cnn for 10 classes, but {other} describes branchy_cnn for 10 classes")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["info", "{config}", "--set", "search.target=abc"], "--set search.target=abc: search.target: "),
+    (["info", "{config}", "--set", "serach.target=0.3"], "--set serach.target=0.3: serach: unknown key (did you mean search?)"),
+    (["info", "{config}", "--set", "search.targt=0.3"], "search.targt: unknown key (did you mean search.target?)"),
+    (["info", "{config}", "--set", "search.target=[0.3"], "--set search.target=[0.3: the value is not valid YAML"),
+])
+def test_set_mistakes_blame_the_set_flag(demo_raw, tmp_path, cli, args, expected):
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    message = assert_user_error(cli(tmp_path, *[a.format(config=config) for a in args]), expected)
+    assert str(config) not in message
+
+
+def test_unknown_key_in_the_file_suggests_the_close_one(demo_raw, tmp_path, cli):
+    demo_raw["serach"] = demo_raw.pop("search")
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    assert_user_error(cli(tmp_path, "info", str(config)), f"{config}: serach: unknown key (did you mean search?)")
+
+
+@pytest.mark.parametrize("command", ["export", "resume"])
+@pytest.mark.parametrize("kind", ["missing", "file", "not a run"])
+def test_run_directory_messages_name_the_command(tmp_path, cli, command, kind):
+    path = tmp_path / "somewhere"
+    if kind == "file":
+        path.write_text("x")
+    elif kind == "not a run":
+        path.mkdir()
+        (path / "episodes.csv").write_text("")
+    args = ["export", str(path)] if command == "export" else ["search", "--resume", str(path)]
+    needs = "`amc export` needs" if command == "export" else "`amc search --resume` needs"
+    problem = {"missing": "no such directory", "file": "not a directory",
+               "not a run": "not a run directory (no config.yaml)"}[kind]
+    message = assert_user_error(cli(tmp_path, *args), f"{path}: {problem}; {needs} a run directory")
+    assert "resume" not in message or command == "resume"
+
+
+@pytest.mark.parametrize("command", ["search", "run"])
+def test_ctrl_c_says_how_to_resume(demo_raw, tmp_path, cli, command):
+    """A real KeyboardInterrupt in the main thread once two episodes are written, as Ctrl-C raises it."""
+    import _thread
+    import threading
+    import time
+
+    demo_raw["search"]["episodes"] = 10_000
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    run_dir = Path(demo_raw["search"]["run_dir"])
+    csv, finished = run_dir / "episodes.csv", threading.Event()
+
+    def press_ctrl_c() -> None:
+        while not finished.is_set():
+            if csv.is_file() and len(csv.read_text().splitlines()) >= 3:  # header + 2 rows
+                _thread.interrupt_main()
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=press_ctrl_c)
+    watcher.start()
+    try:
+        result = cli(tmp_path, "--quiet", command, str(config))
+    finally:
+        finished.set()
+        watcher.join()
+    assert result.returncode == 130, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"amc: interrupted; continue with `amc search --resume {run_dir}`"]
+    done = len(csv.read_text().splitlines()) - 1
+    resume = shlex.split(lines[0].split("`")[1])[1:]
+    resumed = cli(tmp_path, "--quiet", *resume, "--episodes", str(done + 1))
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(csv.read_text().splitlines()) - 1 == done + 1
+
+
+def test_missing_base_model_hint_keeps_the_overrides(demo_raw, tmp_path, cli):
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    sets = ["--set", "model.checkpoint=elsewhere/base.pt", "--set", "train.epochs=1"]
+    message = assert_user_error(cli(tmp_path, "search", str(config), *sets), "trained base model not found")
+    hint = message.split("`")[1]
+    assert hint == f"amc train {config} {' '.join(sets)}"
+    assert cli(tmp_path, "--quiet", *shlex.split(hint)[1:]).returncode == 0  # the hint, run as given
+    assert (tmp_path / "elsewhere" / "base.pt").is_file()
+
+
+def test_export_set_may_change_only_what_does_not_change_the_result(demo_raw, tmp_path, cli):
+    demo_raw["search"]["episodes"] = 2
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    assert cli(tmp_path, "--quiet", "search", str(config)).returncode == 0
+    run_dir = demo_raw["search"]["run_dir"]
+    before = snapshot(tmp_path)
+    assert_user_error(cli(tmp_path, "export", run_dir, "--set", "search.target=0.3"),
+                      "--set search.target=0.3: export uses the run's config; --set may change only device, ")
+    assert snapshot(tmp_path) == before
+    ok = cli(tmp_path, "export", run_dir, "--set", "latency.large_batch=8", "--set", "data.eval_batch_size=100")
+    assert ok.returncode == 0, ok.stderr
+    assert "latency_ms_b8" in json.loads(ok.stdout)
