@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from amc.agents import AMCDDPG, rng_state, set_rng_state
 from amc.checkpoint import AGENT_FORMAT, load_checkpoint, save_checkpoint
-from amc.config import Config, apply_overrides, config_from_dict, read_yaml
+from amc.config import Config, config_from_dict, read_yaml
 from amc.envs import run_episode
 from amc.errors import UserError
 from amc.factory import Workspace, seed_everything
@@ -70,12 +70,14 @@ def check_writable(run_dir: Path) -> None:
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
     """The config a run was started with; only ``search.episodes`` may be changed on resume."""
     path = run_dir / CONFIG_FILE
+    if not run_dir.is_dir():
+        raise UserError("no such run directory", where=str(run_dir))
     if not path.is_file():
-        raise UserError("no search to resume here (no config.yaml)", where=str(run_dir))
+        raise UserError("not a run directory (no config.yaml)", where=str(run_dir))
     raw = read_yaml(path)
     cfg = config_from_dict(raw, source=str(path))
     if overrides:
-        changed = config_from_dict(apply_overrides(cfg.to_dict(), overrides), source=str(path))
+        changed = config_from_dict(cfg.to_dict(), source=str(path), overrides=overrides)
         refuse_changes(cfg.to_dict(), changed.to_dict(), path)
         cfg = changed
     return cfg
