@@ -1,16 +1,20 @@
-"""Benchmark AMC against the rule-based baselines on one config: does the search earn its cost?
+"""Benchmark AMC against random search and the rules on one config: does the search earn its cost?
 
-Every method prunes the same trained base model to the same target, goes through the same
-export path (least squares + BN re-estimation), is measured before fine-tuning on the
-reward-val subset, fine-tuned for the same epochs and measured on the test split. Seeds vary
-the agent and the random search only: the data split (and so the base model's training set)
-stays the one the base model was trained with.
+Searched methods (AMC, and random search: the same search with every episode a warmup episode,
+so no learning) run the same episode count and end in the same selection step (their top-K
+policies and the rules re-scored on the selection split, amc/selection.py). Rules (uniform,
+global magnitude, and the paper's deep / shallow) are deterministic and run once. Every answer
+goes through the same export (the search's repair), is measured on test before fine-tuning,
+fine-tuned for the same epochs and measured on test again. Seeds vary the agent and the random
+search only: the data split (and so the base model's training set) stays the one the base model
+was trained with.
 
     python scripts/benchmark.py --config configs/resnet20_fmnist.yaml --targets 0.5 0.25 \\
-        --seeds 0 1 --out docs/results/resnet20_fmnist
+        --seeds 0 1 2 --episodes 400 --out docs/results/resnet20_fmnist
 
-writes OUT/results.json (one record per method x target x seed) and OUT/results.md (mean and
-standard deviation over seeds), and prints the table.
+writes OUT/results.json (one record per method x target x seed; finished records are skipped,
+so an interrupted benchmark resumes) and OUT/results.md: mean ± standard deviation over seeds,
+and each searched method's paired difference to the best rule with its 95% interval.
 """
 
 from __future__ import annotations
@@ -24,61 +28,65 @@ import sys
 import time
 from pathlib import Path
 
+from scipy import stats
+
 from amc.baselines import baseline_policy
-from amc.files import atomic_write_json, atomic_write_text
 from amc.config import apply_overrides, config_from_dict, read_yaml
 from amc.export import measure, prune_policy
 from amc.factory import Workspace, seed_everything
+from amc.files import atomic_write_json, atomic_write_text
 from amc.metrics import accuracy
 from amc.pipeline import finetune_model
 from amc.report import plot_policy, table
 from amc.search import read_episodes, search
 
-METHODS = ("amc", "uniform", "random", "global")
+SEARCHED = ("amc", "random")
+RULES = ("uniform", "global")
 HANDCRAFTED = ("deep", "shallow")
+METHODS = SEARCHED + RULES
 
 
-def configure(args, target: float, seed: int, out: Path):
-    raw = apply_overrides(read_yaml(args.config), args.overrides + [
-        f"search.target={target}", f"agent.seed={seed}", f"search.run_dir={out / f'runs/t{target}_s{seed}'}"])
+def configure(args, method: str, target: float, seed: int, out: Path):
+    overrides = [f"search.target={target}", f"agent.seed={seed}",
+                 f"search.run_dir={out / f'runs/{method}_t{target}_s{seed}'}"]
     if args.episodes:
-        raw["search"]["episodes"] = args.episodes
+        overrides.append(f"search.episodes={args.episodes}")
+    raw = apply_overrides(read_yaml(args.config), args.overrides + overrides)
+    if method == "random":  # random search = the same loop, every episode a uniform-random warmup episode
+        raw.setdefault("agent", {})["warmup_episodes"] = raw["search"].get("episodes", 300)
     return config_from_dict(raw, source=args.config)
 
 
-def policy_for(method: str, cfg, workspace: Workspace, run_dir: Path) -> tuple[list[int], float, dict]:
-    """(keep counts, search seconds, per-episode cost split) of one method."""
+def policy_for(method: str, cfg, workspace: Workspace) -> tuple[list[int], dict]:
+    """(keep counts, what to record about how they were found) of one method."""
     started = time.perf_counter()
-    if method == "amc":
-        resume = (run_dir / "agent.pt").is_file()
-        best = search(cfg, run_dir, resume=resume, progress=False)
-        plot_policy(best, run_dir.parent.parent / f"best_policy_t{cfg.search.target}_s{cfg.agent.seed}.png")
-        rows = read_episodes(run_dir)
-        seconds = sum(r["seconds"] for r in rows)
-        scoring = sum(r["eval_seconds"] + r["calibrate_seconds"] for r in rows)
-        return best["keep"], seconds, {"episodes": len(rows), "seconds_per_episode": seconds / len(rows),
-                                       "eval_share": sum(r["eval_seconds"] for r in rows) / seconds,
-                                       "scoring_share": scoring / seconds}
-    keep = baseline_policy(cfg, method, workspace)
-    return keep, time.perf_counter() - started, {}
+    if method not in SEARCHED:
+        return baseline_policy(cfg, method, workspace), {"search_seconds": time.perf_counter() - started}
+    run_dir = Path(cfg.search.run_dir)
+    answer = search(cfg, run_dir, resume=(run_dir / "agent.pt").is_file(), progress=False)
+    plot_policy(answer, run_dir.parent.parent / f"best_policy_{method}_t{cfg.search.target}_s{cfg.agent.seed}.png")
+    rows = read_episodes(run_dir)
+    seconds = sum(r["seconds"] for r in rows)
+    return answer["keep"], {
+        "answer_source": answer["source"], "episodes": len(rows), "search_seconds": time.perf_counter() - started,
+        "seconds_per_episode": seconds / len(rows), "eval_share": sum(r["eval_seconds"] for r in rows) / seconds,
+        "scoring_share": sum(r["eval_seconds"] + r["calibrate_seconds"] for r in rows) / seconds,
+        "reward_noise": answer["noise"]}
 
 
 def evaluate(cfg, keep: list[int], workspace: Workspace, epochs: int) -> dict:
-    """Export ``keep``, measure it on reward-val and test, fine-tune it as users do, measure test again.
-
-    Test top-1 before fine-tuning is the unbiased view of the search: the search picked its best
-    policy on the reward-val subset, which flatters every searched method there.
-    """
+    """Export ``keep``, measure it (held-out splits and test), fine-tune it as users do, measure test again."""
     model, plan = prune_policy(workspace, keep)
-    before = measure(model, workspace, splits=("reward_val", "test"))
+    before = measure(model, workspace, splits=workspace.held_out_splits + ("test",))
     after = before["test_top1"]
     if epochs:  # fine-tuning changes weights, not shape: only accuracy needs measuring again
         seed_everything(cfg.agent.seed)
+        started = time.perf_counter()
         finetune_model(model, workspace, plan["kind"], epochs, progress=False)
+        before["finetune_seconds"] = time.perf_counter() - started
         after = accuracy(model, workspace.loader("test"))["top1"]
-    return {"macs": before["macs"], "params": before["params"], "nonzero_params": before["nonzero_params"],
-            "latency_ms": before["latency_ms"], "reward_val_top1_before_ft": before["reward_val_top1"],
-            "test_top1_before_ft": before["test_top1"], "test_top1_after_ft": after}
+    return {**{f"{k}_before_ft" if k.endswith("_top1") else k: v for k, v in before.items() if not k.endswith("_top5")},
+            "test_top1_after_ft": after}
 
 
 def append_record(path: Path, record: dict) -> None:
@@ -96,28 +104,50 @@ def read_records(path: Path) -> list[dict]:
 
 
 def summarize(records: list[dict]) -> str:
+    """One row per (target, method); searched methods also get their paired difference to the best rule."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["target"], r["method"]), []).append(r)
 
-    def stat(rs: list[dict], key: str, scale: float = 1.0, digits: int = 2) -> str:
-        """Mean (± standard deviation over seeds) of ``key``; "-" where no record has it."""
-        values = [r[key] * scale for r in rs if key in r]
+    def stat(values: list[float], digits: int = 2) -> str:
         if not values:
             return "-"
         mean = f"{statistics.mean(values):.{digits}f}"
         return f"{mean} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
 
+    def pct(rs: list[dict], key: str) -> list[float]:
+        return [100 * r[key] for r in rs if key in r and (key != "test_top1_after_ft" or r["finetune_epochs"])]
+
+    order = METHODS + HANDCRAFTED
     rows = []
-    for (target, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], (METHODS + HANDCRAFTED).index(kv[0][1]))):
+    for (target, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], order.index(kv[0][1]))):
+        rules = [groups[(target, m)][0] for m in RULES + HANDCRAFTED if (target, m) in groups]
+        diffs = []
+        for key in ("test_top1_before_ft", "test_top1_after_ft"):
+            best_rule = max((r for r in rules if key in r), key=lambda r: r[key], default=None)
+            diffs.append(paired_difference(pct(rs, key), 100 * best_rule[key], best_rule["method"])
+                         if method in SEARCHED and best_rule else "-")
         rows.append([method, f"{target:.4g}", f"{statistics.mean(r['macs'] for r in rs) / 1e6:.2f}M",
                      f"{statistics.mean(r.get('nonzero_params', r['params']) for r in rs) / 1e3:.1f}K",
-                     stat(rs, "latency_ms"), stat(rs, "reward_val_top1_before_ft", 100),
-                     stat(rs, "test_top1_before_ft", 100),
-                     stat([r for r in rs if r["finetune_epochs"]], "test_top1_after_ft", 100),
-                     stat(rs, "search_seconds", digits=0), len(rs)])
-    return table(["method", "target", "MACs", "non-zero params", "latency (ms)", "reward-val top-1 before FT (%)",
-                  "test top-1 before FT (%)", "test top-1 after FT (%)", "search (s)", "seeds"], rows, markdown=True)
+                     stat(pct(rs, "select_top1_before_ft")), stat(pct(rs, "test_top1_before_ft")), diffs[0],
+                     stat(pct(rs, "test_top1_after_ft")), diffs[1],
+                     stat([r["search_seconds"] + r.get("finetune_seconds", 0.0) for r in rs], digits=0),
+                     " ".join(sorted({r.get("answer_source", "") for r in rs})) or "-", len(rs)])
+    return table(["method", "target", "MACs", "non-zero params", "select top-1 (%)", "test before FT (%)",
+                  "vs best rule", "test after FT (%)", "vs best rule", "wall (s)", "answer from", "seeds"],
+                 rows, markdown=True)
+
+
+def paired_difference(values: list[float], rule: float, rule_name: str) -> str:
+    """Mean difference to a deterministic rule with its 95% t interval over seeds."""
+    if not values:
+        return "-"
+    diffs = [v - rule for v in values]
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return f"{mean:+.2f} ({rule_name})"
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] ({rule_name})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,17 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     results_path = args.out / "results.json"
     args.out.mkdir(parents=True, exist_ok=True)
     for target in args.targets:
-        for seed in args.seeds:
-            cfg = configure(args, target, seed, args.out)
-            workspace = Workspace(cfg)
-            epochs = cfg.finetune.epochs if args.finetune_epochs is None else args.finetune_epochs
-            for method in args.methods:
+        for method in args.methods:
+            for seed in args.seeds if method in SEARCHED else args.seeds[:1]:  # rules are deterministic
                 if (method, target, seed) in {(r["method"], r["target"], r["seed"]) for r in read_records(results_path)}:
                     continue
-                keep, seconds, extra = policy_for(method, cfg, workspace, Path(cfg.search.run_dir))
-                record = {"method": method, "target": target, "seed": seed, "keep": keep,
-                          "search_seconds": seconds, "finetune_epochs": epochs, **extra,
-                          **evaluate(cfg, keep, workspace, epochs)}
+                cfg = configure(args, method, target, seed, args.out)
+                workspace = Workspace(cfg)
+                epochs = cfg.finetune.epochs if args.finetune_epochs is None else args.finetune_epochs
+                keep, found = policy_for(method, cfg, workspace)
+                record = {"method": method, "target": target, "seed": seed, "keep": keep, "finetune_epochs": epochs,
+                          **found, **evaluate(cfg, keep, workspace, epochs)}
                 append_record(results_path, record)
                 print(json.dumps({k: v for k, v in record.items() if k != "keep"}), flush=True)
     markdown = summarize(read_records(results_path))

@@ -12,7 +12,6 @@ test top-1 and prints them with the Spearman rank correlation of the two.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -24,17 +23,7 @@ from amc.export import measure, prune_policy
 from amc.factory import Workspace
 from amc.report import table
 from amc.search import load_run_config, read_episodes
-
-
-def top_policies(rows: list[dict], names: list[str], sizes: list[int], top: int) -> list[tuple[str, float | None, list[int]]]:
-    """(episode, search top-1, keep counts) of the ``top`` best episodes with distinct policies."""
-    seen, best = set(), []
-    for row in sorted((r for r in rows if not math.isnan(r["error"])), key=lambda r: r["error"]):
-        keep = tuple(round(row[n] * s) for n, s in zip(names, sizes))
-        if keep not in seen and len(best) < top:
-            seen.add(keep)
-            best.append((str(int(row["episode"])), 1.0 - row["error"], list(keep)))
-    return best
+from amc.selection import top_policies
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -55,18 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    candidates.append(("uniform", None, baseline_policy(cfg, "uniform", workspace)))
     full = space.cost(space.sizes)
     rows, searched, tested = [], [], []
-    for episode, search_top1, keep in candidates:
+    for candidate in [*candidates, None]:  # None: the uniform reference, outside the correlation
+        keep = candidate.keep if candidate else baseline_policy(cfg, "uniform", workspace)
         m = measure(prune_policy(workspace, keep)[0], workspace, splits=("reward_val", "test"))
-        if search_top1 is not None:  # the uniform reference stays out of the correlation
+        if candidate:
             searched.append(m["reward_val_top1"])
             tested.append(m["test_top1"])
-        rows.append([episode, "-" if search_top1 is None else f"{100 * search_top1:.2f}",
+        rows.append([str(candidate.episode) if candidate else "uniform",
+                     f"{candidate.reward:.4f}" if candidate else "-",
                      f"{100 * m['reward_val_top1']:.2f}", f"{100 * m['test_top1']:.2f}",
                      f"{space.cost(keep) / full:.3f}"])
-    print(table(["episode", "search reward-val (%)", "export reward-val (%)", "export test (%)", "cost ratio"],
+    print(table(["episode", "search reward", "export reward-val (%)", "export test (%)", "cost ratio"],
                 rows, markdown=True))
     print(f"\nSpearman rank correlation, reward-val vs test over the top {len(searched)}: "
           f"{spearman(searched, tested):.2f}")

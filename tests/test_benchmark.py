@@ -9,6 +9,7 @@ from pathlib import Path
 
 from amc.checkpoint import load_model
 from amc.metrics import count_macs
+from amc.search import read_episodes
 from conftest import ROOT, write_config
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -25,21 +26,28 @@ def test_benchmark_records_every_method_and_resumes(demo_raw, tmp_path):
     config = write_config(tmp_path / "demo.yaml", demo_raw)
     out = tmp_path / "bench"
     run(config, out, "--seeds", "0", "--methods", "amc", "uniform", "--finetune-epochs", "1")
-    records = run(config, out, "--seeds", "0", "1", "--methods", "amc", "uniform", "global", "--finetune-epochs", "1")
+    records = run(config, out, "--seeds", "0", "1", "--finetune-epochs", "1")
 
-    assert sorted((r["method"], r["seed"]) for r in records) == [
-        ("amc", 0), ("amc", 1), ("global", 0), ("global", 1), ("uniform", 0), ("uniform", 1)]
+    assert sorted((r["method"], r["seed"]) for r in records) == [  # rules are deterministic: run once
+        ("amc", 0), ("amc", 1), ("global", 0), ("random", 0), ("random", 1), ("uniform", 0)]
     full = count_macs(load_model(demo_raw["model"]["checkpoint"])[0], (1, 1, 8, 8))
     for r in records:
         assert r["macs"] <= 0.5 * full
-        assert 0.5 < r["reward_val_top1_before_ft"] <= 1 and 0.5 < r["test_top1_before_ft"] <= 1
+        assert 0.5 < r["select_top1_before_ft"] <= 1 and 0.5 < r["test_top1_before_ft"] <= 1
         assert r["test_top1_after_ft"] > 0.5 and r["finetune_epochs"] == 1
-    amc_runs = [r for r in records if r["method"] == "amc"]
-    assert all(r["episodes"] == 3 and 0 < r["eval_share"] <= r["scoring_share"] <= 1 for r in amc_runs)
+    searched = [r for r in records if r["method"] in ("amc", "random")]
+    assert all(r["episodes"] == 3 and 0 < r["eval_share"] <= r["scoring_share"] <= 1 for r in searched)
+    assert all(r["answer_source"] in ("search", "uniform", "global") and r["reward_noise"]["bootstrap_se"] > 0
+               for r in searched)
+    random_run = read_episodes(out / "runs" / "random_t0.5_s0")  # random search never learns: all warmup
+    assert len(random_run) == 3
     table = (out / "results.md").read_text()
-    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["amc", "uniform", "global"]
-    assert "test top-1 before FT" in table
-    assert (out / "best_policy_t0.5_s1.png").is_file()
+    lines = table.splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["amc", "random", "uniform", "global"]
+    assert "test before FT" in lines[0] and "vs best rule" in lines[0]
+    amc_row = lines[2].split("|")
+    assert "[" in amc_row[7] and amc_row[7].strip().endswith(")")  # paired difference with its 95% interval
+    assert (out / "best_policy_amc_t0.5_s1.png").is_file()
 
 
 def test_fine_grained_benchmark_keeps_the_density_through_fine_tuning(demo_raw, tmp_path):
@@ -57,7 +65,7 @@ def test_rescore_measures_the_best_episodes_on_test(demo_raw, tmp_path, capsys):
     config = write_config(tmp_path / "demo.yaml", demo_raw)
     run(config, tmp_path / "bench", "--seeds", "0", "--methods", "amc", "--finetune-epochs", "0")
     capsys.readouterr()
-    assert rescore.main([str(tmp_path / "bench" / "runs" / "t0.5_s0"), "--top", "2"]) == 0
+    assert rescore.main([str(tmp_path / "bench" / "runs" / "amc_t0.5_s0"), "--top", "2"]) == 0
     out = capsys.readouterr().out
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")][1:]
     assert [r[0].strip() for r in rows][-1] == "uniform" and len(rows) == 3
