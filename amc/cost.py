@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch import nn
 
-from amc.graph import LayerInfo, PrunableGraph
+from amc.graph import LayerInfo, Member, PrunableGraph
 
 
 class CostModel:
@@ -30,20 +30,18 @@ class CostModel:
         self.layers: list[LayerInfo] = list(graph.layers.values())
         # (layer or module name, dim) -> [(unit index, removed table)]
         self._shrinks: dict[tuple[str, str], list[tuple[int, np.ndarray]]] = defaultdict(list)
-        modules = dict(model.named_modules())
-        # other modules in units (BatchNorm, PReLU, ...): name -> (params per channel, channels)
+        # other members of units (BatchNorm, LayerNorm, PReLU, unwrapped parameters):
+        # name -> (params per channel, channels)
         self._channel_params: dict[str, tuple[int, int]] = {}
         for unit in graph.units:
             for member in unit.members:
                 self._shrinks[(member.module, member.dim)].append((unit.index, unit.removed_count_table(member)))
                 if member.module not in graph.layers:
-                    counts = _params_per_channel(modules[member.module])
+                    counts = _params_per_channel(model, member)
                     if counts:
                         self._channel_params[member.module] = counts
         counted = sum(layer.weight_count + layer.has_bias * layer.out_channels for layer in self.layers)
-        counted += sum(
-            sum(p.numel() for p in modules[name].parameters(recurse=False)) for name in self._channel_params
-        )
+        counted += sum(per_channel * channels for per_channel, channels in self._channel_params.values())
         self._fixed_params = sum(p.numel() for p in model.parameters()) - counted
         self.full_keep = [unit.channels for unit in graph.units]
         self.total_macs = self.macs(self.full_keep)
@@ -77,9 +75,14 @@ class CostModel:
         return total
 
 
-def _params_per_channel(module: nn.Module) -> tuple[int, int] | None:
-    """(params per channel, channels) of a norm-like module whose parameters all index channels."""
-    params = list(module.parameters(recurse=False))
+def _params_per_channel(model: nn.Module, member: Member) -> tuple[int, int] | None:
+    """(params per channel, channels) of an unwrapped parameter, or of a norm-like module whose
+    parameters all index channels (on their first dimension)."""
+    if member.param_dim is not None:
+        param = model.get_parameter(member.module)
+        channels = param.shape[member.param_dim]
+        return param.numel() // channels, channels
+    params = list(model.get_submodule(member.module).parameters(recurse=False))
     if not params or len({p.shape[0] for p in params}) != 1:
         return None
     channels = params[0].shape[0]

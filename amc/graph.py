@@ -2,10 +2,17 @@
 
 A unit is one torch-pruning dependency group rooted at a conv or linear layer's output
 channels: pruning channel i of the unit removes output channel i of its producer(s), the
-matching BatchNorm / depthwise channels and the consumers' input channels (through concat,
-split and flatten, which torch-pruning maps). The dependency graph is traced once, on the
-original model; every member of a group is recorded by module *name* and original index, so a
-policy can be replayed on any copy of the model without tracing it again.
+matching BatchNorm / LayerNorm / depthwise channels, unwrapped parameters (a ConvNeXt
+``layer_scale``) and the consumers' input channels (through concat, split and flatten, which
+torch-pruning maps). The dependency graph is traced once, on the original model; every member
+of a group is recorded by module (or parameter) *name* and original index, so a policy can be
+replayed on any copy of the model without tracing it again.
+
+A group is left whole, with its reason, when its channels cannot be cut correctly: it touches a
+grouped conv (the cost model and channel surgery assume dense or depthwise convs), or it passes
+through a reshape that regroups channels (a channel shuffle), which torch-pruning would map as
+if nothing moved. Groups of several producers joined by an element-wise op (a residual add, an
+SE multiply) are units only with ``prune_residual``.
 """
 
 from __future__ import annotations
@@ -22,21 +29,33 @@ from amc.errors import UserError
 
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
 
+# Why a group is left whole (``PrunableGraph.skipped``). ``COUPLED`` ones become units, one
+# shared ratio each, with ``prune_residual``; the others never do.
+RESIDUAL = "residual-coupled"  # several producers joined by an add
+SE = "SE-coupled"  # several producers joined by a multiply (squeeze-and-excitation gating)
+OTHER_COUPLING = "coupled"  # several producers joined by another element-wise op
+COUPLED = (RESIDUAL, SE, OTHER_COUPLING)
+GROUPED = "grouped conv"
+REGROUPED = "channel-shuffled"  # reaches a reshape that regroups channels (a channel shuffle)
+
 
 @dataclass(frozen=True)
 class Member:
-    """One pruning operation of a unit: ``pruner.<method>(module, idxs)``."""
+    """One pruning operation of a unit: ``pruner.<method>(module, idxs)``, or, for an unwrapped
+    parameter (``param_dim`` set; ``module`` is then the parameter's name), keeping the other
+    entries of its dimension ``param_dim``."""
 
     module: str
     pruner: object
     method: str  # "prune_out_channels" or "prune_in_channels"
     root_idxs: np.ndarray  # root channel of each entry of idxs
     idxs: np.ndarray  # index in the module's own dimension
+    param_dim: int | None = None
 
     @property
     def dim(self) -> str:
-        """The module dimension this member shrinks; a depthwise conv has only one."""
-        if isinstance(self.pruner, tp.pruner.function.DepthwiseConvPruner):
+        """The dimension this member shrinks; a depthwise conv or a parameter has only one."""
+        if self.param_dim is not None or isinstance(self.pruner, tp.pruner.function.DepthwiseConvPruner):
             return "out"
         return "out" if self.method == "prune_out_channels" else "in"
 
@@ -84,7 +103,7 @@ class Unit:
     members: list[Member]
     importance: np.ndarray  # L1 magnitude of each root channel over the whole group
     ranking: np.ndarray  # root channels, most important first
-    residual: bool  # coupled through a residual add (several producers)
+    coupling: str  # "" for one producer, else how several are joined (RESIDUAL, SE, OTHER_COUPLING)
     layer: LayerInfo = field(repr=False)
 
     def kept_channels(self, keep: int) -> np.ndarray:
@@ -104,17 +123,38 @@ class Unit:
         return np.append(np.cumsum(per_root[::-1])[::-1], 0)
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A dependency group left whole: its root layer, why, and the layers producing its channels."""
+
+    root: str
+    reason: str  # one of COUPLED, GROUPED, REGROUPED
+    producers: tuple[str, ...]
+
+
 @dataclass
 class PrunableGraph:
     """The units of a model, in forward order, and the facts the cost model needs."""
 
     units: list[Unit]
     layers: dict[str, LayerInfo]  # every conv / linear layer, in forward order
-    skipped: list[str]  # roots of groups left unpruned (residual-coupled, unsupported)
+    skipped: list[Skipped]  # groups left whole, in forward order of their roots
     input_shape: tuple[int, ...]
 
     def __len__(self) -> int:
         return len(self.units)
+
+    def skipped_by_reason(self) -> dict[str, list[str]]:
+        """Roots of the groups left whole, by reason (in order of first appearance), in forward order."""
+        out: dict[str, list[str]] = {}
+        for s in self.skipped:
+            out.setdefault(s.reason, []).append(s.root)
+        return out
+
+    def skipped_macs(self) -> int:
+        """MACs of the layers whose output channels belong to groups left whole."""
+        producers = {name for s in self.skipped for name in s.producers}
+        return sum(self.layers[name].macs for name in producers)
 
 
 def trace_layers(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInfo]:
@@ -151,15 +191,103 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInfo
     try:
         with torch.no_grad():
             model.eval()(example)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's model is reported, not raised
+        raise UserError(f"{type(model).__name__} fails on a {tuple(example.shape)} input ({_one_line(exc)})",
+                        field="model") from None
     finally:
         for h in hooks:
             h.remove()
     return layers
 
 
+def _one_line(exc: Exception) -> str:
+    """An exception as ``Type: first line of its message``, for a one-line ``UserError``."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def _group_importance(group) -> np.ndarray:
     imp = tp.importance.GroupMagnitudeImportance(p=1)(group)
     return imp.detach().cpu().double().numpy()
+
+
+def _maps_channels(before: torch.Size, after: torch.Size) -> bool:
+    """Whether channel i before a reshape is still channel i (or one block of a flatten) after it.
+
+    True when only singleton dims come or go, when batch and channel dims stay and only the
+    spatial ones are reshaped, or for a flatten of (N, C, ...) to (N, features) and back (which
+    torch-pruning maps with a stride). False for a channel shuffle's (N, C, H, W) -> (N, g, C/g, H, W).
+    """
+    if [d for d in before if d != 1] == [d for d in after if d != 1]:
+        return True
+    if len(before) < 2 or len(after) < 2 or before[0] != after[0]:
+        return False
+    return before[1] == after[1] or len(before) == 2 or len(after) == 2
+
+
+class _CutAtRegroupingReshapes(torch.overrides.TorchFunctionMode):
+    """Cuts the autograd graph after each reshape that regroups channels; records what fed it.
+
+    torch-pruning traces the autograd graph and would guess an index mapping through such a
+    reshape (for a channel shuffle the guess divides by zero or maps channels as if nothing
+    moved). Cut there, the groups before it end at the tensor that fed it, which the traced
+    forward also returns (torch-pruning traces back from the outputs); their channels are left
+    whole (see ``find_units``), and nothing after the cut has a producer to be grouped with.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.fed: list[torch.Tensor] = []  # the tensors that fed a regrouping reshape
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        source = args[0] if args else None
+        if (isinstance(out, torch.Tensor) and isinstance(source, torch.Tensor) and out.grad_fn is not None
+                and _is_reshape(out.grad_fn) and not _maps_channels(source.shape, out.shape)):
+            if source.grad_fn is not None:
+                self.fed.append(source)
+            out = out.detach().requires_grad_()
+        return out
+
+
+def _is_reshape(grad_fn) -> bool:
+    """torch-pruning's own test for a reshape node."""
+    name = grad_fn.name().lower()
+    return "view" in name or "reshape" in name
+
+
+def _dependency_groups(model: nn.Module, example: torch.Tensor, protected: nn.Module) -> tuple[list, set]:
+    """torch-pruning's groups rooted at conv / linear layers, and the grad_fns of the tensors
+    that feed reshapes regrouping channels.
+
+    A failure inside torch-pruning is the model's limitation, reported as a ``UserError``.
+    """
+    cut = _CutAtRegroupingReshapes()
+
+    def forward(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with cut:
+            out = m(x)
+        # as views: torch-pruning makes an output's own op an output node (a concat would lose its type)
+        return (out, *(t.view_as(t) for t in cut.fed))
+
+    try:
+        with torch.enable_grad():  # torch-pruning traces autograd; callers may be in no_grad
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=forward,
+                                                          verbose=False)
+        groups = list(graph.get_all_groups(ignored_layers=[protected], root_module_types=PRUNABLE_TYPES))
+    except Exception as exc:  # noqa: BLE001 - torch-pruning's failures name no layer; say which model
+        raise UserError(f"torch-pruning cannot build the dependency graph of {type(model).__name__} "
+                        f"({_one_line(exc)})", field="model.name") from None
+    return groups, {t.grad_fn for t in cut.fed}
+
+
+def _coupling(ops: list[str]) -> str:
+    """How several producers of one group are joined, from the element-wise ops in the group."""
+    if any(op.startswith(("AddBackward", "SubBackward")) for op in ops):
+        return RESIDUAL
+    if any(op.startswith(("MulBackward", "DivBackward")) for op in ops):
+        return SE
+    return OTHER_COUPLING
 
 
 def find_units(
@@ -168,7 +296,7 @@ def find_units(
     """Trace ``model`` at ``input_shape`` (batch 1) and return its prunable units.
 
     The layer producing the model's output is protected (its output channels are the
-    classes). Residual-coupled groups are units only when ``prune_residual``.
+    classes). Coupled groups (several producers) are units only when ``prune_residual``.
     """
     example = torch.zeros(input_shape)
     layers = trace_layers(model, example)
@@ -177,53 +305,57 @@ def find_units(
     order = {name: i for i, name in enumerate(layers)}
     output_layer = list(layers)[-1]
     names = {module: name for name, module in model.named_modules()}
-    modules = dict(model.named_modules())
-
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-    groups = graph.get_all_groups(ignored_layers=[modules[output_layer]], root_module_types=PRUNABLE_TYPES)
+    param_names = {id(p): name for name, p in model.named_parameters()}
+    groups, feeds_regrouping = _dependency_groups(model, example, model.get_submodule(output_layer))
 
     units: list[Unit] = []
-    skipped: list[str] = []
+    skipped: list[Skipped] = []
     for group in groups:
-        members = []
+        members, ops, regrouped = [], [], False
         for item in group:
-            module = item.dep.target.module
-            if module not in names:  # torch-pruning's pseudo ops (add, concat, reshape)
-                continue
+            node = item.dep.target
+            target = node.module
             handler = item.dep.handler
-            members.append(Member(
-                module=names[module], pruner=handler.__self__, method=handler.__name__,
-                root_idxs=np.asarray(item.root_idxs, dtype=np.int64),
-                idxs=np.asarray(item.idxs, dtype=np.int64),
-            ))
+            param = isinstance(target, nn.Parameter)
+            if param or target in names:
+                member = Member(
+                    module=param_names[id(target)] if param else names[target], pruner=handler.__self__,
+                    method=handler.__name__, root_idxs=np.asarray(item.root_idxs, dtype=np.int64),
+                    idxs=np.asarray(item.idxs, dtype=np.int64),
+                    param_dim=node.pruning_dim % target.dim() if param else None,
+                )
+                members.append(member)
+                if member.dim == "in":  # a layer's input channels: its output is not this group's
+                    continue
+            elif node.grad_fn is not None:  # torch-pruning's pseudo ops (add, mul, concat, reshape)
+                ops.append(node.grad_fn.name())
+            regrouped |= node.grad_fn is not None and node.grad_fn in feeds_regrouping
         producers = sorted(
             {m.module for m in members if m.module in layers and m.dim == "out"
              and not layers[m.module].depthwise},
             key=order.__getitem__,
         )
-        producing = producers or sorted(
-            {m.module for m in members if m.module in layers and m.dim == "out"}, key=order.__getitem__
-        )
-        if not producing:
+        if not producers:  # depthwise convs on channels no layer here produces (the image, a shuffle's output)
             continue
-        root = layers[producing[0]]
-        residual = len(producers) > 1
-        if residual and not prune_residual:
-            skipped.append(root.name)
-            continue
+        root = layers[producers[0]]
+        coupling = _coupling(ops) if len(producers) > 1 else ""
         grouped = sorted({m.module for m in members if m.module in layers
                           and layers[m.module].groups > 1 and not layers[m.module].depthwise})
-        if grouped:  # channel surgery and the cost model assume dense or depthwise convs
-            warnings.warn(f"left unpruned: unit {root.name} touches grouped convs {', '.join(grouped)}")
-            skipped.append(root.name)
+        reason = (REGROUPED if regrouped else GROUPED if grouped
+                  else coupling if coupling and not prune_residual else None)
+        if reason:
+            if grouped:  # channel surgery and the cost model assume dense or depthwise convs
+                warnings.warn(f"left unpruned: unit {root.name} touches grouped convs {', '.join(grouped)}")
+            skipped.append(Skipped(root.name, reason, tuple(producers)))
             continue
         importance = _group_importance(group)
         channels = len(importance)
         ranking = np.argsort(-importance, kind="stable")
         units.append(Unit(index=-1, name=root.name, channels=channels, members=members,
-                          importance=importance, ranking=ranking, residual=residual, layer=root))
+                          importance=importance, ranking=ranking, coupling=coupling, layer=root))
 
     units.sort(key=lambda u: order[u.name])
+    skipped.sort(key=lambda s: order[s.root])
     for i, unit in enumerate(units):
         unit.index = i
     return PrunableGraph(units=units, layers=layers, skipped=skipped, input_shape=tuple(input_shape))

@@ -15,6 +15,7 @@ from amc.data import split_signature
 from amc.errors import UserError
 from amc.export import export_onnx, measure, prune_policy, save_pruned
 from amc.factory import Workspace, seed_everything
+from amc.graph import COUPLED
 from amc.metrics import accuracy
 from amc.report import comparison_table, human, plot_episodes, plot_policy, table
 from amc.search import BEST_FILE, load_run_config, read_episodes, search
@@ -49,10 +50,11 @@ def info(cfg: Config) -> str:
     for unit in graph.units:
         layer = unit.layer
         rows.append([unit.index, unit.name, unit.channels, layer.in_channels, f"{layer.in_hw[0]}x{layer.in_hw[1]}",
-                     layer.kernel, layer.stride, human(layer.macs), "yes" if unit.residual else ""])
-    lines = [table(["#", "unit", "channels", "in", "input", "k", "stride", "MACs", "residual"], rows)]
-    if graph.skipped:
-        lines.append(f"left whole (residual-coupled; set search.prune_residual: true to prune): {', '.join(graph.skipped)}")
+                     layer.kernel, layer.stride, human(layer.macs), unit.coupling])
+    lines = [table(["#", "unit", "channels", "in", "input", "k", "stride", "MACs", "coupling"], rows)]
+    for reason, roots in graph.skipped_by_reason().items():
+        fix = "; set search.prune_residual: true to prune each with one shared ratio" if reason in COUPLED else ""
+        lines.append(f"left whole ({reason}{fix}): {', '.join(roots)}")
     lines.append(f"total: {human(cost.total_macs)} MACs ({cost.total_macs:,}), {human(cost.total_params)} params "
                  f"({cost.total_params:,}), {len(graph.layers)} conv/linear layers, {len(graph.units)} prunable units")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from amc.graph import PrunableGraph
+from amc.graph import Member, PrunableGraph
 
 
 def keep_count(ratio: float, size: int, step: int = 1) -> int:
@@ -48,19 +48,31 @@ def apply_channel_plan(
 ) -> nn.Module:
     """Keep exactly the listed root channels of the named units; others stay whole."""
     pruned = model if inplace else copy.deepcopy(model)
-    modules = dict(pruned.named_modules())
-    removals: dict[tuple[str, str], tuple[object, str, set[int]]] = {}
+    removals: dict[tuple[str, str], tuple[Member, set[int]]] = {}
     units = {unit.name: unit for unit in graph.units}
     for name, kept in plan.items():
         unit = units[name]
         removed_roots = np.setdiff1d(np.arange(unit.channels), np.asarray(kept, dtype=np.int64))
         for member in unit.members:
-            entry = removals.setdefault((member.module, member.dim), (member.pruner, member.method, set()))
-            entry[2].update(member.entries_of(removed_roots).tolist())
-    for (module_name, _), (pruner, method, idxs) in removals.items():
+            entry = removals.setdefault((member.module, member.dim), (member, set()))
+            entry[1].update(member.entries_of(removed_roots).tolist())
+    for member, idxs in removals.values():
         if idxs:
-            getattr(pruner, method)(modules[module_name], sorted(idxs))
+            _prune_member(pruned, member, sorted(idxs))
     return pruned
+
+
+def _prune_member(model: nn.Module, member: Member, idxs: list[int]) -> None:
+    """Remove entries ``idxs`` of one member's dimension: a module through its torch-pruning
+    pruner, an unwrapped parameter by replacing it with the kept slice."""
+    if member.param_dim is None:
+        getattr(member.pruner, member.method)(model.get_submodule(member.module), idxs)
+        return
+    owner, _, attr = member.module.rpartition(".")
+    param = model.get_parameter(member.module)
+    kept = np.setdiff1d(np.arange(param.shape[member.param_dim]), idxs)
+    sliced = param.detach().index_select(member.param_dim, torch.as_tensor(kept, device=param.device))
+    setattr(model.get_submodule(owner), attr, nn.Parameter(sliced, requires_grad=param.requires_grad))
 
 
 def fine_grained_masks(

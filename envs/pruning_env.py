@@ -25,6 +25,7 @@ from amc.budget import fill_budget, max_keep
 from amc.envs.rewards import REWARDS
 from amc.envs.state import FEATURES, observation, static_features
 from amc.errors import UserError
+from amc.graph import COUPLED, PrunableGraph
 from amc.pruning import keep_count
 from amc.scoring import Scorer
 from amc.spaces import Space
@@ -61,7 +62,8 @@ class PruningEnv(gym.Env):
             if reachable > target + 1e-12:
                 raise UserError(
                     f"target {target:g} is below what lbound {lbound:g} allows; the smallest "
-                    f"reachable target is {math.ceil(reachable * 1e4) / 1e4:g}", field="search.target")
+                    f"reachable target is {math.ceil(reachable * 1e4) / 1e4:g}{_left_whole(space)}",
+                    field="search.target")
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(len(FEATURES),), dtype=np.float32)
         self.action_space = gym.spaces.Box(0.0, 1.0, shape=(1,), dtype=np.float32)
         self.keep: list[int] = []
@@ -138,6 +140,20 @@ class PruningEnv(gym.Env):
             warnings.warn(f"non-finite reward for policy {info['ratios']}: scored as the worst reward")
             reward, info["nonfinite"] = self.worst_reward(), True
         return reward, info
+
+
+def _left_whole(space: Space) -> str:
+    """The groups a channel policy cannot cut, their share of the MACs and the fix, for the target message."""
+    graph: PrunableGraph | None = getattr(space, "graph", None) if space.kind == "channel" else None
+    if graph is None or not graph.skipped:
+        return ""
+    by_reason = graph.skipped_by_reason()
+    share = graph.skipped_macs() / sum(layer.macs for layer in graph.layers.values())
+    groups = ", ".join(f"{len(roots)} {reason}" for reason, roots in by_reason.items())
+    note = f"; groups left whole ({groups}) keep the output channels of layers holding {share:.0%} of the MACs"
+    if any(reason in COUPLED for reason in by_reason):
+        note += "; set search.prune_residual: true to prune the coupled ones"
+    return note
 
 
 @dataclass

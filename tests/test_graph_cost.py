@@ -13,7 +13,7 @@ from torch import nn
 from amc.envs import PruningEnv
 from amc.budget import allowed_counts, fill_budget
 from amc.errors import UserError
-from amc.graph import find_units
+from amc.graph import GROUPED, RESIDUAL, find_units
 from amc.metrics import count_macs, count_params, torch_threads
 from amc.models import build_model
 from amc.pruning import keep_count, prune_channels
@@ -131,8 +131,9 @@ def test_resnet20_residual_groups_share_one_ratio_and_match_thop():
     plain = find_units(model, shape)
     env = make_env(model, shape, prune_residual=True)
     graph = env.space.graph
-    residual = [u for u in graph.units if u.residual]
+    residual = [u for u in graph.units if u.coupling == RESIDUAL]
     assert not graph.skipped and len(residual) == len(plain.skipped) == 3  # one group per stage
+    assert plain.skipped_by_reason() == {RESIDUAL: ["conv1", "layer2.0.conv2", "layer3.0.conv2"]}  # forward order
     assert len(graph.units) == len(plain.units) + len(residual)
     stem_group = next(u for u in residual if u.name == "conv1")
     producers = {m.module for m in stem_group.members if m.dim == "out" and m.module in graph.layers}
@@ -157,7 +158,7 @@ def test_branchy_cnn_concat_and_residual(prune_residual):
     if prune_residual:
         assert len(names) == 6 and not graph.skipped
     else:
-        assert names == branches and sorted(graph.skipped) == ["down.0", "stem.0"]
+        assert names == branches and graph.skipped_by_reason() == {RESIDUAL: ["stem.0", "down.0"]}
     rng = np.random.default_rng(5)
     for _ in range(20):
         keep = random_policy(env, rng)
@@ -256,7 +257,7 @@ def test_grouped_convs_are_left_unpruned_with_a_warning():
     with pytest.warns(UserWarning, match=r"grouped convs 3"):
         graph = find_units(model, (1, 3, 8, 8))
     assert [u.name for u in graph.units] == ["6"]
-    assert set(graph.skipped) == {"0", "3"}
+    assert graph.skipped_by_reason() == {GROUPED: ["0", "3"]}
     space = ChannelSpace(model, graph)
     keep = [5]
     pruned = prune_channels(model, graph, keep)
