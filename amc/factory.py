@@ -135,7 +135,10 @@ class Workspace:
         return make_loader(dataset, size, shuffle=shuffle, seed=self.cfg.seed, num_workers=self.cfg.data.num_workers)
 
     def graph(self, model: nn.Module) -> PrunableGraph:
-        return find_units(model.cpu(), self.input_shape, self.cfg.search.prune_residual)
+        try:
+            return find_units(model.cpu(), self.input_shape, self.cfg.search.prune_residual)
+        except UserError as exc:  # the model the config names cannot be traced: the config's problem
+            raise UserError(str(exc), where=self.cfg.source) from None
 
     def space(self, model: nn.Module) -> Space:
         s = self.cfg.search

@@ -214,7 +214,7 @@ def test_amc_info_prints_each_reason_in_forward_order(tmp_path, capsys):
 def test_model_and_torch_pruning_failures_are_one_line_errors(tmp_path, capsys, model, message):
     code, out, err = info(tmp_path, capsys, model)
     assert code == 2 and out == ""
-    assert err.startswith(f"amc: error: {message}") and err.count("\n") == 1, err
+    assert err.startswith("amc: error: ") and f"info.yaml: {message}" in err and err.count("\n") == 1, err
 
 
 def test_unreachable_target_names_the_groups_left_whole():
