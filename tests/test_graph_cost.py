@@ -247,13 +247,18 @@ def test_impossible_budget_names_the_smallest_reachable_target():
         make_env(model, shape, target=reachable - 1e-3)
 
 
-def test_grouped_convs_are_left_unpruned_with_a_warning():
-    model = nn.Sequential(
+def grouped_conv_net() -> nn.Module:
+    """Conv -> grouped conv (groups=2) -> conv -> classifier."""
+    return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
     ).eval()
+
+
+def test_grouped_convs_are_left_unpruned_with_a_warning():
+    model = grouped_conv_net()
     with pytest.warns(UserWarning, match=r"grouped convs 3"):
         graph = find_units(model, (1, 3, 8, 8))
     assert [u.name for u in graph.units] == ["6"]

@@ -22,6 +22,7 @@ from amc.metrics import count_macs, count_params, torch_threads
 from amc.models import build_model, replace_first_conv
 from amc.pruning import apply_channel_plan, channel_plan, prune_channels
 from conftest import demo_dict, write_config
+from test_graph_cost import grouped_conv_net
 from test_graph_cost import make_env
 
 
@@ -238,12 +239,7 @@ def test_unreachable_target_names_the_groups_left_whole():
 
 
 def test_unreachable_target_with_grouped_convs_does_not_suggest_prune_residual():
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-    ).eval()
+    model = grouped_conv_net()
     with pytest.warns(UserWarning, match="grouped convs 3"), pytest.raises(UserError) as err:
         make_env(copy.deepcopy(model), (1, 3, 8, 8), target=0.1)
     message = str(err.value)
