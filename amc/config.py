@@ -8,12 +8,15 @@ a silently ignored setting. ``load_config`` turns every validation problem into 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from amc.errors import UserError
+
+
+DEFAULT_EVAL_BATCH_SIZE = 512
 
 
 class Section(BaseModel):
@@ -34,7 +37,8 @@ class DataConfig(Section):
     std: list[float] | None = None
     reward_val_size: int = Field(gt=0, description="images held out of the training split to score policies")
     batch_size: int = Field(128, gt=0)
-    eval_batch_size: int = Field(512, gt=0)
+    eval_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="batch size of evaluation passes; auto: the fastest, measured per model for rewards")
     num_workers: int = Field(0, ge=0)
     augment: bool = True
 
@@ -47,6 +51,11 @@ class DataConfig(Section):
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError("std entries must be > 0")
         return self
+
+    @property
+    def loader_batch_size(self) -> int:
+        """The batch size of data loaders over evaluation splits (``auto`` measures only rewards)."""
+        return DEFAULT_EVAL_BATCH_SIZE if self.eval_batch_size == "auto" else self.eval_batch_size
 
 
 class TrainConfig(Section):
@@ -75,6 +84,9 @@ class SearchConfig(Section):
         512, gt=0, description="images whose feature maps fit the least-squares reconstruction"
     )
     reward_metric: Literal["top1", "top5"] = "top1"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description=(
+        "precision of reward evaluations; auto: the fastest the hardware runs natively that passes the fidelity "
+        "check against fp32 (results users read are always fp32)"))
     run_dir: str | None = None
 
     @model_validator(mode="after")

@@ -8,15 +8,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from amc.calibration import recalibrate_batchnorm, reconstruct
 from amc.checkpoint import PRUNED_FORMAT, save_checkpoint
 from amc.errors import UserError
-from amc.factory import Workspace, cached_batches
-from amc.metrics import accuracy, count_macs, count_nonzero_params, count_params, measure_latency
+from amc.factory import Workspace
+from amc.inference import fp32_accuracy
+from amc.metrics import count_macs, count_nonzero_params, count_params, measure_latency
 
 
 def measure(model: nn.Module, workspace: Workspace, splits: tuple[str, ...] = ("reward_val", "test")) -> dict:
-    """MACs, parameters (all and non-zero), latency and top-1 / top-5 on the named splits."""
+    """MACs, parameters (all and non-zero), latency and top-1 / top-5 on the named splits (fp32)."""
     lat = workspace.cfg.latency
     model = model.to(workspace.device).eval()
     out = {
@@ -26,13 +26,14 @@ def measure(model: nn.Module, workspace: Workspace, splits: tuple[str, ...] = ("
         "latency_ms": measure_latency(model, workspace.input_shape, lat.batch_size, lat.threads, lat.warmup, lat.repeats),
     }
     for split in splits:
-        acc = accuracy(model, workspace.loader(split))
+        acc = fp32_accuracy(model, workspace.loader(split))
         out[f"{split}_top1"], out[f"{split}_top5"] = acc["top1"], acc["top5"]
     return out
 
 
-def prune_policy(workspace: Workspace, keep: list[int], refit: bool = True) -> tuple[nn.Module, dict]:
-    """The base model pruned to ``keep``, reconstructed by least squares, BN re-estimated."""
+def prune_policy(workspace: Workspace, keep: list[int]) -> tuple[nn.Module, dict]:
+    """The base model pruned to ``keep`` and repaired exactly as the search scores it (the scorer's
+    ``Repair``: the config's calibration, on the same images)."""
     cfg = workspace.cfg
     model = workspace.base_model
     space = workspace.space(model)
@@ -40,11 +41,7 @@ def prune_policy(workspace: Workspace, keep: list[int], refit: bool = True) -> t
         raise UserError(f"policy has {len(keep)} entries, the model has {len(space.sizes)} units", field="keep")
     pruned = copy.deepcopy(model)
     space.apply(pruned, keep)
-    if refit and space.kind == "channel":
-        reconstruct(model, pruned, space.refit_layers(keep), workspace.reconstruction_images(), seed=cfg.seed)
-    calib = [x.to(workspace.device) for x, _ in cached_batches(
-        workspace.splits.train_eval, cfg.data.batch_size, limit=max(cfg.search.calib_batches, 1))]
-    recalibrate_batchnorm(pruned, calib)
+    workspace.scorer(model).repair(pruned, space.refit_layers(keep))
     plan = space.plan(keep)
     plan["prune_residual"] = cfg.search.prune_residual
     return pruned.eval(), plan

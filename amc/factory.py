@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from amc.calibration import Repair
 from amc.checkpoint import BASE_FORMAT, load_checkpoint, load_state
 from amc.config import Config, load_config
 from amc.data import DataSplits, data_shape, load_splits, make_loader
@@ -103,7 +104,7 @@ class Workspace:
 
     def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None):
         dataset = getattr(self.splits, split)
-        size = batch_size or (self.cfg.data.batch_size if shuffle else self.cfg.data.eval_batch_size)
+        size = batch_size or (self.cfg.data.batch_size if shuffle else self.cfg.data.loader_batch_size)
         return make_loader(dataset, size, shuffle=shuffle, seed=self.cfg.seed, num_workers=self.cfg.data.num_workers)
 
     def graph(self, model: nn.Module) -> PrunableGraph:
@@ -123,15 +124,21 @@ class Workspace:
         return ChannelSpace(model, graph, s.resource, s.round_to, latency)
 
     def scorer(self, model: nn.Module) -> Scorer:
+        """Scores policies of ``model``; its ``repair`` is also the one export applies."""
         s, d = self.cfg.search, self.cfg.data
         device = self.device
-        reward = [(x.to(device), y.to(device)) for x, y in cached_batches(self.splits.reward_val, d.eval_batch_size)]
+        reward = [(x.to(device), y.to(device)) for x, y in cached_batches(self.splits.reward_val, d.loader_batch_size)]
         calib = [x.to(device) for x, _ in cached_batches(
             self.splits.train_eval, d.batch_size, limit=s.calib_batches)] if s.calib_batches else []
         recon = None
         if s.calibration in ("lsq", "both"):
             recon = self.reconstruction_images()
-        return Scorer(model, reward, calib, recon, s.calibration, s.reward_metric, self.cfg.seed)
+        repair = Repair(model, s.calibration, calib, recon, self.cfg.seed)
+        batch_size = None if d.eval_batch_size == "auto" else d.eval_batch_size
+        try:
+            return Scorer(model, reward, repair, s.reward_metric, s.precision, batch_size)
+        except UserError as exc:
+            raise UserError(str(exc), where=self.cfg.source) from None
 
     def reconstruction_images(self) -> torch.Tensor:
         """A fixed sample of training images (never reward-val) for least-squares fits."""
