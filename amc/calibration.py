@@ -4,12 +4,14 @@ the one place that decides how a pruned copy is repaired for scoring and for exp
 Without either repair, a magnitude-pruned network's BatchNorm statistics describe channels that
 no longer exist, and every policy scores near chance (see the design's measurements).
 
-Repairs always run in fp32 (whatever precision the reward's evaluation uses), so the model a
-search scores and the model ``amc export`` writes are the same tensors.
+A repair depends on the config and the device only (never on the fidelity check's verdict about
+the reward's evaluation), so the model a search scores and the model ``amc export`` writes are
+the same tensors.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -24,13 +26,13 @@ POSITIONS_PER_IMAGE = 10  # sampled output positions per image and conv layer, a
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
+def recalibrate_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> None:
     """Re-estimate every BatchNorm's running statistics on ``batches`` (adaptive BN, EagleEye).
 
     Statistics are reset and averaged cumulatively (momentum None); only the BatchNorm layers
-    run in training mode, so dropout and the weights are untouched. Convolutional models run
-    in channels_last (faster on CPU and GPU alike) and are handed back in the usual layout;
-    statistics are accumulated in fp32.
+    run in training mode, so dropout and the weights are untouched. Image models run in
+    channels_last and are handed back in the usual layout. ``dtype`` (bfloat16) runs the
+    forward pass under autocast; the statistics stay fp32 buffers, accumulated in fp32.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or not batches:
@@ -45,8 +47,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> 
     layout = torch.channels_last if batches[0].dim() == 4 else torch.contiguous_format
     model.to(memory_format=layout)
     try:
-        for x in batches:
-            model(x.to(device, memory_format=layout))
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            for x in batches:
+                model(x.to(device, memory_format=layout))
     finally:
         model.to(memory_format=torch.contiguous_format)
         for m, momentum in zip(norms, momenta):
@@ -57,6 +60,21 @@ def recalibrate_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> 
 def reconstructable(module: nn.Module) -> bool:
     """Least squares can refit plain (ungrouped) convs and linear layers."""
     return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
+def solve_least_squares(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``argmin_W ||x W - y||`` for a tall ``x``, by the normal equations in fp64 (Cholesky).
+
+    About 4x faster than ``torch.linalg.lstsq`` here; a relative ridge of 1e-9 of the mean
+    diagonal keeps all-zero columns (dead channels) solvable and changes nothing else.
+    """
+    x, y = x.double(), y.double()
+    gram = x.T @ x
+    ridge = 1e-9 * gram.diagonal().mean() + 1e-30
+    factor, info = torch.linalg.cholesky_ex(gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=gram.device))
+    if info.item() != 0:  # numerically not positive definite: the slower, rank-revealing solver
+        return torch.linalg.lstsq(x.cpu(), y.cpu()).solution.to(x.device)
+    return torch.cholesky_solve(x.T @ y, factor)
 
 
 def _unknowns(module: nn.Module) -> int:
@@ -106,8 +124,9 @@ class Reconstructor:
     For each layer, ``W = argmin ||Y - X W||``: Y is the original layer's output (bias removed)
     at sampled positions, X the pruned model's input patches at the same positions (any kernel
     size). The original's outputs depend on no policy, so they are computed once per layer and
-    kept; each policy then costs one forward pass of the pruned copy, in which a pre-hook refits
-    each layer just before it runs (each fit sees the inputs of the already-refit layers).
+    kept; each policy then costs one forward pass of the pruned copy (channels_last, fp32), in
+    which a pre-hook refits each layer just before it runs (each fit sees the inputs of the
+    already-refit layers).
 
     A layer is refit only when the images give at least ``ROWS_PER_UNKNOWN`` rows per weight of
     an output channel: a Linear layer gets one row per image, and fitting 1,152 inputs from 512
@@ -161,29 +180,32 @@ class Reconstructor:
 
         def refit(name: str):
             def hook(module, inputs):
-                x = _inputs(module, inputs[0], self.positions[name]).double()
+                x = _inputs(module, inputs[0], self.positions[name])
                 if x.shape[0] < ROWS_PER_UNKNOWN * x.shape[1]:
                     warnings.warn(
                         f"least squares: {len(self.images)} reconstruction images are too few to refit {name} "
                         f"(it needs {ROWS_PER_UNKNOWN:g} rows per input); it keeps its pruned weights. "
                         "Raise search.reconstruct_samples to refit it.")
                     return
-                y = self.targets[name].double()
+                y = self.targets[name]
                 kept = layers[name]
                 if kept is not None:
                     y = y[:, kept.to(y.device)]
-                solution = torch.linalg.lstsq(x.cpu(), y.cpu()).solution
+                solution = solve_least_squares(x, y)
                 module.weight.copy_(solution.T.reshape(module.weight.shape).to(module.weight))
             return hook
 
         pruned.eval()
+        layout = torch.channels_last if self.images.dim() == 4 else torch.contiguous_format
+        pruned.to(memory_format=layout)
         hooks = [module.register_forward_pre_hook(refit(name))
                  for name, module in pruned.named_modules() if name in layers]
         try:
-            pruned(self.images)
+            pruned(self.images.contiguous(memory_format=layout))
         finally:
             for hook in hooks:
                 hook.remove()
+            pruned.to(memory_format=torch.contiguous_format)
 
 
 def reconstruct(original: nn.Module, pruned: nn.Module, layers: dict[str, torch.Tensor | None],
@@ -197,11 +219,13 @@ class Repair:
 
     ``calibration``: ``lsq`` refits the layers whose inputs were cut (least squares on
     ``recon_images``), ``bn`` re-estimates BatchNorm statistics on ``calib_batches``, ``both``
-    does the first then the second, ``none`` leaves the magnitude-pruned weights.
+    does the first then the second, ``none`` leaves the magnitude-pruned weights. ``dtype``
+    (bfloat16, where the hardware has it) runs adaptive BN's forward passes in bf16 with fp32
+    statistics; least squares is always fp32.
     """
 
     def __init__(self, original: nn.Module, calibration: str = "none", calib_batches: Sequence[torch.Tensor] = (),
-                 recon_images: torch.Tensor | None = None, seed: int = 0):
+                 recon_images: torch.Tensor | None = None, seed: int = 0, dtype: torch.dtype | None = None):
         if calibration not in CALIBRATIONS:
             raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
         if calibration in ("lsq", "both") and recon_images is None:
@@ -209,6 +233,13 @@ class Repair:
         self.calibration = calibration
         self.calib_batches = list(calib_batches) if calibration in ("bn", "both") else []
         self.reconstructor = Reconstructor(original, recon_images, seed) if calibration in ("lsq", "both") else None
+        self.dtype = dtype
+
+    def in_fp32(self) -> "Repair":
+        """The same repair with adaptive BN in fp32 (the reference the fast path is compared with)."""
+        twin = copy.copy(self)
+        twin.dtype = None
+        return twin
 
     def __call__(self, pruned: nn.Module, refit_layers: dict[str, torch.Tensor | None] | None = None) -> dict[str, float]:
         """Repair ``pruned`` in place; returns the seconds spent per step (reconstruct, calibrate)."""
@@ -217,6 +248,6 @@ class Repair:
             self.reconstructor(pruned, refit_layers)
         timings = {"reconstruct": time.perf_counter() - start}
         start = time.perf_counter()
-        recalibrate_batchnorm(pruned, self.calib_batches)
+        recalibrate_batchnorm(pruned, self.calib_batches, self.dtype)
         timings["calibrate"] = time.perf_counter() - start
         return timings

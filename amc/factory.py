@@ -17,6 +17,7 @@ from amc.config import Config, load_config
 from amc.data import DataSplits, data_shape, load_splits, make_loader
 from amc.errors import UserError
 from amc.graph import PrunableGraph, find_units
+from amc.inference import repair_dtype
 from amc.models import build_model, model_spec
 from amc.scoring import Scorer
 from amc.spaces import ChannelSpace, FineGrainedSpace, Space
@@ -133,7 +134,7 @@ class Workspace:
         recon = None
         if s.calibration in ("lsq", "both"):
             recon = self.reconstruction_images()
-        repair = Repair(model, s.calibration, calib, recon, self.cfg.seed)
+        repair = Repair(model, s.calibration, calib, recon, self.cfg.seed, repair_dtype(s.precision, device))
         batch_size = None if d.eval_batch_size == "auto" else d.eval_batch_size
         try:
             return Scorer(model, reward, repair, s.reward_metric, s.precision, batch_size)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amc.calibration import Repair
 from amc.envs import PruningEnv, run_episode
 from amc.files import atomic_write_json
 from amc.metrics import accuracy
@@ -43,11 +44,12 @@ def rank_correlation(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
 
 
-def reference_error(env: PruningEnv, keep: list[int]) -> float:
-    """The policy's reward error in plain fp32: the same repair, eager, BN unfolded."""
+def reference_error(env: PruningEnv, keep: list[int], repair: Repair | None = None) -> float:
+    """The policy's reward error in plain fp32 (eager, BN unfolded) after ``repair`` (default:
+    the scorer's own, so that only the evaluation differs from the reward)."""
     scorer = env.scorer
     pruned = env.space.apply(copy.deepcopy(env.model), keep)
-    scorer.repair(pruned, env.space.refit_layers(keep))
+    (repair or scorer.repair)(pruned, env.space.refit_layers(keep))
     return 1.0 - accuracy(pruned, scorer.fast.batches(len(scorer.fast.labels)))[scorer.metric]
 
 
@@ -64,12 +66,15 @@ def compare(fast: list[float], reference: list[float], images: int, tolerance: f
 
 
 def check_fidelity(env: PruningEnv, path: str | Path | None = None, policies: int = POLICIES, seed: int = 0,
-                   tolerance: float = TOLERANCE, min_rank: float = MIN_RANK_CORRELATION) -> dict:
+                   tolerance: float = TOLERANCE, min_rank: float = MIN_RANK_CORRELATION,
+                   reference_repair: Repair | None = None) -> dict:
     """Pick the precision of ``env``'s rewards (set on its scorer); the numbers go to ``path`` (JSON).
 
     Candidates are the scorer's (``search.precision``: auto tries the hardware's native reduced
-    precisions in order; fp32 has none and is not checked). A strict ``mean < tolerance * SE``
-    means a zero tolerance always falls back to fp32.
+    precisions in order; fp32 has none and is not checked). The reference repairs each policy
+    with the scorer's repair (which export shares) unless ``reference_repair`` is given, and
+    evaluates it in plain fp32. A strict ``mean < tolerance * SE`` means a zero tolerance always
+    falls back to fp32.
     """
     scorer = env.scorer
     started = time.perf_counter()
@@ -82,7 +87,7 @@ def check_fidelity(env: PruningEnv, path: str | Path | None = None, policies: in
                   for _ in range(policies)]
         keeps = [list(env.space.sizes)] + [info["keep"] for info in played]
         first = [env.evaluate(keeps[0])[1]["error"]] + [info["error"] for info in played]
-        reference = [reference_error(env, keep) for keep in keeps]
+        reference = [reference_error(env, keep, reference_repair) for keep in keeps]
         report.update(keeps=keeps, fp32_errors=reference)
         for precision in scorer.candidates:
             scorer.use_precision(precision)

@@ -61,6 +61,12 @@ def candidate_precisions(requested: str, device: torch.device) -> list[str]:
     return [] if requested == "fp32" else [requested]
 
 
+def repair_dtype(requested: str, device: torch.device) -> torch.dtype | None:
+    """Adaptive BN's forward passes run in bf16 where the device has it natively, unless the
+    config asks for fp32 throughout. Never fp16: its range could overflow the statistics."""
+    return torch.bfloat16 if requested != "fp32" and "bf16" in native_precisions(device) else None
+
+
 def batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(conv, BatchNorm) module names that can be folded: the BN reads only that conv's output
     and each runs once. Found by tracing the model with torch.fx; a model that cannot be traced
