@@ -28,6 +28,7 @@ from amc.metrics import accuracy
 MIN_RANK_CORRELATION = 0.98
 TOLERANCE = 0.25  # of the reward's binomial standard error
 POLICIES = 5
+REFERENCE_BATCH_SIZE = 256  # fp32 results do not depend on it
 
 
 def rank_correlation(a: list[float], b: list[float]) -> float:
@@ -50,7 +51,7 @@ def reference_error(env: PruningEnv, keep: list[int], repair: Repair | None = No
     scorer = env.scorer
     pruned = env.space.apply(copy.deepcopy(env.model), keep)
     (repair or scorer.repair)(pruned, env.space.refit_layers(keep))
-    return 1.0 - accuracy(pruned, scorer.fast.batches(len(scorer.fast.labels)))[scorer.metric]
+    return 1.0 - accuracy(pruned, scorer.fast.batches(REFERENCE_BATCH_SIZE))[scorer.metric]
 
 
 def compare(fast: list[float], reference: list[float], images: int, tolerance: float, min_rank: float) -> dict:
