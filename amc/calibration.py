@@ -65,8 +65,8 @@ def reconstructable(module: nn.Module) -> bool:
 def solve_least_squares(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``argmin_W ||x W - y||`` for a tall ``x``, by the normal equations in fp64 (Cholesky).
 
-    About 4x faster than ``torch.linalg.lstsq`` here; a relative ridge of 1e-9 of the mean
-    diagonal keeps all-zero columns (dead channels) solvable and changes nothing else.
+    About 4x faster than ``torch.linalg.lstsq`` here; a ridge of 1e-9 of the mean diagonal keeps
+    all-zero columns (dead channels) solvable and moves the fit by a negligible amount.
     """
     x, y = x.double(), y.double()
     gram = x.T @ x
@@ -142,7 +142,8 @@ class Reconstructor:
         self.positions: dict[str, torch.Tensor] = {}
         self.targets: dict[str, torch.Tensor] = {}
 
-    def _sample(self, name: str, index: int, module: nn.Module, output: torch.Tensor) -> torch.Tensor | None:
+    def _sample(self, index: int, module: nn.Module, output: torch.Tensor) -> torch.Tensor | None:
+        """Output positions per image for a conv (enough rows for its full input), None for a Linear."""
         if isinstance(module, nn.Linear):
             return None
         n, area = output.shape[0], output.shape[2] * output.shape[3]
@@ -157,7 +158,7 @@ class Reconstructor:
 
         def capture(name: str, index: int):
             def hook(module, inputs, output):
-                self.positions[name] = self._sample(name, index, module, output)
+                self.positions[name] = self._sample(index, module, output)
                 self.targets[name] = _outputs(module, output, self.positions[name]).float()
             return hook
 

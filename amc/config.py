@@ -8,10 +8,10 @@ a silently ignored setting. ``load_config`` turns every validation problem into 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from amc.errors import UserError
 
@@ -37,10 +37,17 @@ class DataConfig(Section):
     std: list[float] | None = None
     reward_val_size: int = Field(gt=0, description="images held out of the training split to score policies")
     batch_size: int = Field(128, gt=0)
-    eval_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+    eval_batch_size: int | Literal["auto"] = Field(
         "auto", description="batch size of evaluation passes; auto: the fastest, measured per model for rewards")
     num_workers: int = Field(0, ge=0)
     augment: bool = True
+
+    @field_validator("eval_batch_size", mode="before")
+    @classmethod
+    def _eval_batch_size(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError(f"must be a positive integer or auto, got {value!r}")
 
     @model_validator(mode="after")
     def _mean_std(self) -> "DataConfig":

@@ -132,3 +132,17 @@ def test_search_reward_equals_the_exported_models_reward_val_error(demo_raw, tmp
     _, metrics = export_run(run_dir)
     assert best["error"] == 1.0 - metrics["reward_val_top1"]
     assert json.loads((run_dir / "fidelity.json").read_text())["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("value", ["auto", 256])
+def test_eval_batch_size_is_auto_or_a_positive_integer(demo_raw, value):
+    demo_raw["data"]["eval_batch_size"] = value
+    data = config_from_dict(demo_raw).data
+    assert data.eval_batch_size == value and data.loader_batch_size == (512 if value == "auto" else 256)
+
+
+@pytest.mark.parametrize("value", [0, "fast"])
+def test_a_bad_eval_batch_size_is_refused(demo_raw, value):
+    demo_raw["data"]["eval_batch_size"] = value
+    with pytest.raises(UserError, match=f"data.eval_batch_size: must be a positive integer or auto, got {value!r}"):
+        config_from_dict(demo_raw)
