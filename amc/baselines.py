@@ -81,7 +81,7 @@ def baseline_policy(cfg: Config, method: str, workspace: Workspace) -> list[int]
         return random_search(cfg, workspace)
     if s.protocol != "resource":
         raise UserError(f"the {method} baseline needs a budget: set search.protocol: resource", field="search.protocol")
-    space = workspace.space(workspace.base_model)
+    space = workspace.base_space
     budget = s.target * space.cost(space.sizes)
     if method == "uniform":
         return uniform_policy(space.sizes, space.round_to, space.cost, budget, s.lbound)

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from amc.errors import UserError
+
+
+DEFAULT_EVAL_BATCH_SIZE = 512
 
 
 class Section(BaseModel):
@@ -41,9 +44,17 @@ class DataConfig(Section):
         "images held out of the training split (disjoint from reward-val) to choose the run's answer "
         "among the best policies and the rules; 0: choose on reward-val"))
     batch_size: int = Field(128, gt=0)
-    eval_batch_size: int = Field(512, gt=0)
+    eval_batch_size: int | Literal["auto"] = Field(
+        "auto", description="batch size of evaluation passes; auto: the fastest, measured per model for rewards")
     num_workers: int = Field(0, ge=0)
     augment: bool = True
+
+    @field_validator("eval_batch_size", mode="before")
+    @classmethod
+    def _eval_batch_size(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError(f"must be a positive integer or auto, got {value!r}")
 
     @model_validator(mode="after")
     def _mean_std(self) -> "DataConfig":
@@ -54,6 +65,11 @@ class DataConfig(Section):
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError("std entries must be > 0")
         return self
+
+    @property
+    def loader_batch_size(self) -> int:
+        """The batch size of data loaders over evaluation splits (``auto`` measures only rewards)."""
+        return DEFAULT_EVAL_BATCH_SIZE if self.eval_batch_size == "auto" else self.eval_batch_size
 
 
 class TrainConfig(Section):
@@ -83,6 +99,9 @@ class SearchConfig(Section):
     )
     reward_metric: Literal["top1", "top5"] = "top1"
     select_top_k: int = Field(10, ge=1, description="distinct best policies re-scored on the selection split")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description=(
+        "precision of reward evaluations; auto: the fastest the hardware runs natively that passes the fidelity "
+        "check against fp32 (results users read are always fp32)"))
     run_dir: str | None = None
 
     @model_validator(mode="after")

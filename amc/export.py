@@ -8,15 +8,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from amc.calibration import recalibrate_batchnorm, reconstruct
 from amc.checkpoint import PRUNED_FORMAT, save_checkpoint
 from amc.errors import UserError
-from amc.factory import Workspace, calibration_batches
-from amc.metrics import accuracy, count_macs, count_nonzero_params, count_params, latency_report
+from amc.factory import Workspace
+from amc.inference import fp32_accuracy
+from amc.metrics import count_macs, count_nonzero_params, count_params, latency_report
 
 
 def measure(model: nn.Module, workspace: Workspace, splits: tuple[str, ...] = ("reward_val", "test")) -> dict:
-    """MACs, parameters (all and non-zero), latency (two batch sizes) and top-1 / top-5 on the named splits."""
+    """MACs, parameters (all and non-zero), latency (two batch sizes) and top-1 / top-5 on the named splits (fp32)."""
     model = model.to(workspace.device).eval()
     out = {
         "macs": count_macs(model, workspace.input_shape),
@@ -25,28 +25,23 @@ def measure(model: nn.Module, workspace: Workspace, splits: tuple[str, ...] = ("
         **latency_report(model, workspace.input_shape, workspace.cfg.latency),
     }
     for split in splits:
-        acc = accuracy(model, workspace.loader(split))
+        acc = fp32_accuracy(model, workspace.loader(split))
         out[f"{split}_top1"], out[f"{split}_top5"] = acc["top1"], acc["top5"]
     return out
 
 
-def prune_policy(workspace: Workspace, keep: list[int], refit: bool = True,
-                 calibration_seed: int | None = None) -> tuple[nn.Module, dict]:
-    """The base model pruned to ``keep``, reconstructed by least squares, BN re-estimated.
-
-    ``calibration_seed`` draws other calibration and reconstruction images than the run's.
-    """
+def prune_policy(workspace: Workspace, keep: list[int], calibration_seed: int | None = None) -> tuple[nn.Module, dict]:
+    """The base model pruned to ``keep`` and repaired exactly as the search scores it (the scorer's
+    ``Repair``: the config's calibration, on the same images). ``calibration_seed`` draws other
+    calibration and reconstruction images than the run's (to measure how much a score depends on them)."""
     cfg = workspace.cfg
     model = workspace.base_model
-    space = workspace.space(model)
+    space = workspace.base_space
     if len(keep) != len(space.sizes):
         raise UserError(f"policy has {len(keep)} entries, the model has {len(space.sizes)} units", field="keep")
     pruned = copy.deepcopy(model)
     space.apply(pruned, keep)
-    if refit and space.kind == "channel":
-        images = workspace.reconstruction_images(None if calibration_seed is None else calibration_seed + 1)
-        reconstruct(model, pruned, space.refit_layers(keep), images, seed=cfg.seed)
-    recalibrate_batchnorm(pruned, calibration_batches(workspace, max(cfg.search.calib_batches, 1), calibration_seed))
+    workspace.repair(model, calibration_seed)(pruned, space.refit_layers(keep))
     plan = space.plan(keep)
     plan["prune_residual"] = cfg.search.prune_residual
     return pruned.eval(), plan

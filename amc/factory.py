@@ -14,11 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from amc.calibration import Repair
 from amc.checkpoint import BASE_FORMAT, load_checkpoint, load_state
 from amc.config import Config, load_config
 from amc.data import DataSplits, data_shape, load_splits, make_loader, split_signature
 from amc.errors import UserError
 from amc.graph import PrunableGraph, find_units
+from amc.inference import repair_dtype
 from amc.models import build_model, model_spec
 from amc.scoring import Scorer
 from amc.spaces import ChannelSpace, FineGrainedSpace, Space
@@ -131,7 +133,7 @@ class Workspace:
 
     def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None):
         dataset = getattr(self.splits, split)
-        size = batch_size or (self.cfg.data.batch_size if shuffle else self.cfg.data.eval_batch_size)
+        size = batch_size or (self.cfg.data.batch_size if shuffle else self.cfg.data.loader_batch_size)
         return make_loader(dataset, size, shuffle=shuffle, seed=self.cfg.seed, num_workers=self.cfg.data.num_workers)
 
     def graph(self, model: nn.Module) -> PrunableGraph:
@@ -139,6 +141,11 @@ class Workspace:
             return find_units(model.cpu(), self.input_shape, self.cfg.search.prune_residual)
         except UserError as exc:  # the model the config names cannot be traced: the config's problem
             raise UserError(str(exc), where=self.cfg.source) from None
+
+    @cached_property
+    def base_space(self) -> Space:
+        """The space of the base model, traced once (policies of a run all refer to it)."""
+        return self.space(self.base_model)
 
     def space(self, model: nn.Module) -> Space:
         s = self.cfg.search
@@ -154,14 +161,28 @@ class Workspace:
         return ChannelSpace(model, graph, s.resource, s.round_to, latency)
 
     def scorer(self, model: nn.Module) -> Scorer:
+        """Scores policies of ``model``; its ``repair`` is also the one export applies."""
         s, d = self.cfg.search, self.cfg.data
         device = self.device
-        reward = [(x.to(device), y.to(device)) for x, y in cached_batches(self.splits.reward_val, d.eval_batch_size)]
-        calib = calibration_batches(self)
+        reward = [(x.to(device), y.to(device)) for x, y in cached_batches(self.splits.reward_val, d.loader_batch_size)]
+        repair = self.repair(model)
+        batch_size = None if d.eval_batch_size == "auto" else d.eval_batch_size
+        try:
+            return Scorer(model, reward, repair, s.reward_metric, s.precision, batch_size)
+        except UserError as exc:
+            raise UserError(str(exc), where=self.cfg.source) from None
+
+    def repair(self, model: nn.Module, calibration_seed: int | None = None) -> Repair:
+        """How pruned copies of ``model`` are repaired, for scoring and export alike.
+
+        ``calibration_seed`` draws other calibration and reconstruction images than the run's.
+        """
+        s = self.cfg.search
         recon = None
         if s.calibration in ("lsq", "both"):
-            recon = self.reconstruction_images()
-        return Scorer(model, reward, calib, recon, s.calibration, s.reward_metric, self.cfg.seed)
+            recon = self.reconstruction_images(None if calibration_seed is None else calibration_seed + 1)
+        calib = calibration_batches(self, seed=calibration_seed) if s.calibration in ("bn", "both") else []
+        return Repair(model, s.calibration, calib, recon, self.cfg.seed, repair_dtype(s.precision, self.device))
 
     def reconstruction_images(self, seed: int | None = None) -> torch.Tensor:
         """A fixed sample of training images (never reward-val) for least-squares fits."""
@@ -175,7 +196,7 @@ class Workspace:
 
         s = self.cfg.search
         model = self.base_model
-        return PruningEnv(model, self.space(model), self.scorer(model), s.protocol, s.target, s.lbound, s.rbound,
+        return PruningEnv(model, self.base_space, self.scorer(model), s.protocol, s.target, s.lbound, s.rbound,
                           s.fill_budget)
 
 

@@ -112,21 +112,30 @@ def latency_report(model: nn.Module, input_shape: tuple[int, ...], cfg: LatencyC
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (fractions in [0, 1]) over ``batches``; NaN if any logit is not finite."""
+def accuracy(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (fractions in [0, 1]) over ``batches``; NaN if any logit is not finite.
+
+    ``dtype`` (bfloat16 / float16) runs the model under autocast; ``channels_last`` feeds the
+    images in that layout (the model should be in it too). The defaults are plain fp32.
+    """
     model = model.eval()
     device = next(model.parameters()).device
+    layout = torch.channels_last if channels_last else torch.preserve_format
     correct1 = correct5 = seen = 0
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        if not torch.isfinite(logits).all():
-            return {"top1": float("nan"), "top5": float("nan")}
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top.eq(y[:, None])
-        correct1 += int(hits[:, 0].sum())
-        correct5 += int(hits.any(dim=1).sum())
-        seen += len(y)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for x, y in batches:
+            x, y = x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
+            logits = model(x)
+            if not torch.isfinite(logits).all():
+                return {"top1": float("nan"), "top5": float("nan")}
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top.eq(y[:, None])
+            correct1 += int(hits[:, 0].sum())
+            correct5 += int(hits.any(dim=1).sum())
+            seen += len(y)
     return {"top1": correct1 / max(seen, 1), "top5": correct5 / max(seen, 1)}
 
 

@@ -1,6 +1,7 @@
-"""Score a pruned copy: calibrate it (adaptive BN, least squares, both or none), then measure
-its error on the reward-val subset. All data is held in memory as fixed batches, so the same
-policy always gets the same reward and no data loading happens inside an episode."""
+"""Score a pruned copy: repair it (``amc.calibration.Repair``: adaptive BN, least squares, both or
+none), then measure its error on the reward-val subset on the fast path (``amc.inference``). All
+data is held in memory, so the same policy always gets the same reward and no data loading
+happens inside an episode."""
 
 from __future__ import annotations
 
@@ -10,48 +11,46 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from amc.calibration import reconstruct, recalibrate_batchnorm
-from amc.metrics import accuracy
-
-CALIBRATIONS = ("bn", "lsq", "both", "none")
+from amc.calibration import Repair
+from amc.inference import FastEval, batchnorm_pairs, candidate_precisions, uses_channels_last
 
 
 class Scorer:
+    """``scorer(pruned, refit_layers) -> (error, timings)``; ``scorer.repair`` is what export uses.
+
+    ``precision``: the requested one (auto | fp32 | bf16 | fp16). Until the fidelity check
+    (``amc.fidelity``) has run, rewards use the first candidate the hardware offers; the check
+    keeps it or falls back to fp32 (``use_precision``).
+    """
+
     def __init__(
         self, original: nn.Module, reward_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        calib_batches: Sequence[torch.Tensor] = (), recon_images: torch.Tensor | None = None,
-        calibration: str = "bn", metric: str = "top1", seed: int = 0,
+        repair: Repair | None = None, metric: str = "top1", precision: str = "fp32", batch_size: int | None = None,
     ):
-        if calibration not in CALIBRATIONS:
-            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
-        if calibration in ("lsq", "both") and recon_images is None:
-            raise ValueError("least-squares calibration needs reconstruction images")
         self.original = original
-        self.reward_batches = list(reward_batches)
-        self.calib_batches = list(calib_batches)
-        self.recon_images = recon_images
-        self.calibration = calibration
+        self.repair = repair or Repair(original)
         self.metric = metric
-        self.seed = seed
+        self.candidates = candidate_precisions(precision, next(original.parameters()).device)
+        images = torch.cat([x for x, _ in reward_batches])
+        labels = torch.cat([y for _, y in reward_batches])
+        self.fast = FastEval(images, labels, batchnorm_pairs(original), uses_channels_last(original),
+                             (self.candidates or ["fp32"])[0], batch_size)
 
-    def calibrate(self, pruned: nn.Module, refit_layers: dict, timings: dict[str, float]) -> None:
-        start = time.perf_counter()
-        if self.calibration in ("lsq", "both") and refit_layers:
-            reconstruct(self.original, pruned, refit_layers, self.recon_images, seed=self.seed)
-        timings["reconstruct"] = time.perf_counter() - start
-        start = time.perf_counter()
-        if self.calibration in ("bn", "both"):
-            recalibrate_batchnorm(pruned, self.calib_batches)
-        timings["calibrate"] = time.perf_counter() - start
+    @property
+    def precision(self) -> str:
+        return self.fast.precision
 
-    def error(self, model: nn.Module) -> float:
-        return 1.0 - accuracy(model, self.reward_batches)[self.metric]
+    def use_precision(self, precision: str) -> None:
+        self.fast.precision = precision
+
+    def error(self, model: nn.Module, inplace: bool = False) -> float:
+        """1 - the reward metric of an already repaired ``model`` on the fast path."""
+        return 1.0 - self.fast.accuracy(model, inplace)[self.metric]
 
     def __call__(self, pruned: nn.Module, refit_layers: dict | None = None) -> tuple[float, dict[str, float]]:
-        """Calibrate ``pruned`` in place and return (error, timings in seconds)."""
-        timings: dict[str, float] = {}
-        self.calibrate(pruned, refit_layers, timings)
+        """Repair ``pruned`` in place, score it (its BN is folded afterwards); (error, seconds per step)."""
+        timings = self.repair(pruned, refit_layers)
         start = time.perf_counter()
-        error = self.error(pruned)
+        error = self.error(pruned, inplace=True)
         timings["eval"] = time.perf_counter() - start
         return error, timings

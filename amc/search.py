@@ -29,12 +29,14 @@ from amc.config import Config, config_from_dict, read_yaml
 from amc.envs import run_episode
 from amc.errors import UserError
 from amc.factory import Workspace, seed_everything
+from amc.fidelity import check_fidelity
 from amc.files import atomic_write_json, atomic_write_text
 
 CONFIG_FILE = "config.yaml"
 EPISODES_FILE = "episodes.csv"
 BEST_FILE = "best_policy.json"
 AGENT_FILE = "agent.pt"
+FIDELITY_FILE = "fidelity.json"
 MIN_FREE_BYTES = 64 * 2**20
 METRIC_COLUMNS = ["episode", "reward", "error", "cost_ratio", "macs_ratio", "params_ratio", "latency_ms_ratio",
                   "sigma", "seconds", "calibrate_seconds", "eval_seconds"]
@@ -125,6 +127,7 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
     workspace = Workspace(cfg)
     env = workspace.env()  # every input problem (model, data, budget) surfaces here, before any file is written
     check_writable(run_dir)
+    check_fidelity(env, run_dir / FIDELITY_FILE)  # reward precision: reduced where it ranks as fp32 does
     agent_seed = cfg.seed if cfg.agent.seed is None else cfg.agent.seed  # the data split keeps cfg.seed
     seed_everything(agent_seed)
     agent = AMCDDPG(env, cfg.agent, env.num_units, seed=agent_seed, device=str(workspace.device))

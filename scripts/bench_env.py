@@ -1,15 +1,26 @@
-"""Benchmark the environment's episode cost against one bare evaluation pass.
+"""Benchmark an episode and its evaluation pass: today's fp32 eager pass against the fast path.
 
 For each calibration (none, bn, lsq, both) the same random clipped policies (same seeds) are
-run through ``PruningEnv``; each episode's wall time (reset to the final reward) is compared
-with one bare ``amc.metrics.accuracy`` pass of the same pruned model over the same cached
-reward-val batches (the Scorer's ``reward_batches``), and split into the step timings the env
-reports (copy / prune / reconstruct / calibrate / eval; ``steps`` is the rest: states and budget
-clipping). Targets (the design doc): ``ratio`` <= 1.10 with calibration none; adaptive BN
-costs at most about half an eval pass (``cal/eval`` <= 0.5).
+run through ``PruningEnv``, which scores them on the fast path (``amc.inference``: BN folded,
+channels_last, measured batch size, the hardware's reduced precision). For each policy the
+same repaired model is also evaluated as the reward was before the fast path (fp32, eager, BN
+unfolded, the config's ``data.eval_batch_size``; 512 when that is ``auto``), which gives the
+speedup and the fidelity (largest |top-1 difference|, fast vs fp32, over the policies).
 
-    python scripts/bench_env.py [--config configs/resnet20_fmnist.yaml] [--episodes 5] [--target 0.5]
+Columns (medians over episodes, seconds): ``episode`` wall time, ``fp32_eval`` the old pass,
+``fast_eval`` the fast pass as the episode timed it, ``speedup``, the step timings (copy /
+prune / reconstruct / calibrate; ``steps`` is the rest: states and budget clipping),
+``cal/fast`` and ``rec/fast`` (calibration and reconstruction over the fast pass), ``GMAC/s``
+of the fast pass and ``%peak`` of a large matmul in the same dtype measured in this run,
+``max|d|`` in top-1 points and ``acc`` (mean reward-val top-1 of the policies, fast path).
 
+    python scripts/bench_env.py [--config configs/resnet20_fmnist.yaml] [--episodes 3] [--threads 2]
+        [--target 0.5] [--set data.reward_val_size=2000 ...] [--policies 50]
+
+``--policies N`` adds the fidelity study: the search's check (``amc.fidelity``) on N random
+clipped policies with the config's calibration (Spearman, mean and max |top-1 difference|),
+against policies repaired and evaluated in fp32 throughout (the search's own check shares the
+repair and compares the evaluation only).
 Uses the trained checkpoint when present, else an untrained model (timings do not depend on
 the weights); uses the dataset when present, else random tensors of the same shape.
 """
@@ -29,10 +40,12 @@ from amc.data import DataSplits, InMemoryImages
 from amc.envs import run_episode
 from amc.errors import UserError
 from amc.factory import Workspace, seed_everything
-from amc.metrics import accuracy
+from amc.fidelity import check_fidelity
+from amc.inference import DTYPES
+from amc.metrics import accuracy, count_macs
 
 CALIBRATIONS = ("none", "bn", "lsq", "both")
-PARTS = ("copy", "prune", "reconstruct", "calibrate", "eval")
+PARTS = ("copy", "prune", "reconstruct", "calibrate")
 
 
 def random_splits(ws: Workspace) -> DataSplits:
@@ -66,67 +79,120 @@ def prepare(ws: Workspace) -> None:
         ws.__dict__["splits"] = random_splits(ws)
 
 
-def random_episode(env, seed: int) -> tuple[float, dict]:
-    """One episode of uniform random actions (clipped by the env); (wall seconds, final info)."""
-    rng = np.random.default_rng(seed)
-    start = time.perf_counter()
-    played = run_episode(env, lambda obs: np.array([rng.uniform()], dtype=np.float32))
-    return time.perf_counter() - start, played.info
+def peak_macs_per_second(precision: str, device: torch.device, size: int = 2048) -> float:
+    """MACs per second of a large square matmul in ``precision``: the machine's practical peak."""
+    dtype = DTYPES[precision] or torch.float32
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return size ** 3 / best
 
 
-def bare_eval(env, keep: list[int]) -> float:
-    """Seconds of one accuracy pass of the pruned model over the env's cached reward batches."""
+def fp32_pass(env, keep: list[int], batch_size: int) -> tuple[float, float, int]:
+    """The reward pass as it was: repaired in fp32, evaluated fp32 eager, BN unfolded. (seconds, error, MACs)."""
+    scorer = env.scorer
     pruned = env.space.apply(copy.deepcopy(env.model), keep)
+    scorer.repair.in_fp32()(pruned, env.space.refit_layers(keep))
     start = time.perf_counter()
-    accuracy(pruned, env.scorer.reward_batches)
-    return time.perf_counter() - start
+    top1 = accuracy(pruned, scorer.fast.batches(batch_size))[scorer.metric]
+    seconds = time.perf_counter() - start
+    return seconds, 1.0 - top1, count_macs(pruned, (1, *scorer.fast.images.shape[1:]))
+
+
+def bench(env, episodes: int, seed: int, old_batch_size: int, peak: float) -> list:
+    """One table row: medians over ``episodes`` random clipped policies."""
+    env.evaluate(env.space.sizes)  # warm up kernels and measure the fast path's batch size
+    images = len(env.scorer.fast.labels)
+    rows = {k: [] for k in ("episode", "fp32", "fast", "steps", "diff", "rate", "acc", *PARTS)}
+    for i in range(episodes):
+        rng = np.random.default_rng(seed + i)
+        start = time.perf_counter()
+        info = run_episode(env, lambda obs: np.array([rng.uniform()], dtype=np.float32)).info
+        rows["episode"].append(time.perf_counter() - start)
+        timings = info["timings"]
+        rows["steps"].append(rows["episode"][-1] - sum(timings.values()))
+        for part in PARTS:
+            rows[part].append(timings.get(part, 0.0))
+        rows["fast"].append(timings["eval"])
+        seconds, error, macs = fp32_pass(env, info["keep"], old_batch_size)
+        rows["fp32"].append(seconds)
+        rows["diff"].append(abs(error - info["error"]))
+        rows["rate"].append(macs * images / timings["eval"])
+        rows["acc"].append(1.0 - info["error"])
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    return [med["episode"], med["fp32"], med["fast"], med["fp32"] / med["fast"], *(med[p] for p in PARTS),
+            med["steps"], med["calibrate"] / med["fast"], med["reconstruct"] / med["fast"], med["rate"] / 1e9,
+            100 * med["rate"] / peak, 100 * max(rows["diff"]), statistics.mean(rows["acc"])]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/resnet20_fmnist.yaml")
-    parser.add_argument("--episodes", type=int, default=5)
+    parser.add_argument("--episodes", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--target", type=float, default=None, help="search.target (default: the config's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. data.reward_val_size=2000 (repeatable)")
+    parser.add_argument("--calibrations", nargs="+", default=list(CALIBRATIONS), choices=CALIBRATIONS)
+    parser.add_argument("--policies", type=int, default=0, help="also run the fidelity study on N policies")
     args = parser.parse_args()
 
-    cfg = load_config(args.config, [f"search.target={args.target}"] if args.target is not None else [])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = args.overrides + ([f"search.target={args.target}"] if args.target is not None else [])
+    cfg = load_config(args.config, overrides)
+    old_batch_size = cfg.data.loader_batch_size
+    cfg.data.eval_batch_size = "auto"
     seed_everything(cfg.seed)
     ws = Workspace(cfg)
     prepare(ws)
+    calibration = cfg.search.calibration
     print(f"device {ws.device}, torch threads {torch.get_num_threads()}, target {cfg.search.target}, "
           f"{args.episodes} episodes per calibration; medians over episodes, seconds")
 
-    rows = []
-    for calibration in CALIBRATIONS:
-        cfg.search.calibration = calibration
+    rows, peaks = [], {}
+    for name in args.calibrations:
+        cfg.search.calibration = name
         env = ws.env()
-        accuracy(env.model, env.scorer.reward_batches[:1])  # warm up allocators and kernels
-        episodes, evals, steps, errors, parts = [], [], [], [], {p: [] for p in PARTS}
-        for i in range(args.episodes):
-            wall, info = random_episode(env, cfg.seed + i)
-            episodes.append(wall)
-            evals.append(bare_eval(env, info["keep"]))
-            errors.append(info["error"])
-            steps.append(wall - sum(info["timings"].values()))
-            for p in PARTS:
-                parts[p].append(info["timings"].get(p, 0.0))
-        med = {p: statistics.median(v) for p, v in parts.items()}
-        episode, evaluation = statistics.median(episodes), statistics.median(evals)
-        ratios = [w / e for w, e in zip(episodes, evals)]
-        rows.append([
-            calibration, episode, evaluation, statistics.median(ratios), min(ratios), max(ratios),
-            *(med[p] for p in PARTS), statistics.median(steps), med["calibrate"] / evaluation,
-            1 - statistics.mean(errors),
-        ])
+        fast = env.scorer.fast
+        if fast.precision not in peaks:
+            peaks[fast.precision] = peak_macs_per_second(fast.precision, ws.device)
+        rows.append([name, *bench(env, args.episodes, cfg.seed, old_batch_size, peaks[fast.precision])])
+        print(f"{name}: fast path {fast.precision}, batch {fast.batch_size(env.model)}, "
+              f"channels_last {fast.channels_last}, {len(fast.pairs)} BatchNorms folded; "
+              f"fp32 pass at batch {old_batch_size}")
 
-    header = ["calib", "episode", "bare_eval", "ratio", "min", "max", *PARTS, "steps", "cal/eval", "acc"]
+    header = ["calib", "episode", "fp32_eval", "fast_eval", "speedup", *PARTS, "steps", "cal/fast", "rec/fast",
+              "GMAC/s", "%peak", "max|d|", "acc"]
     widths = [max(len(h), 6) for h in header]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     for row in rows:
         cells = [row[0]] + [f"{v:.3f}" for v in row[1:]]
         print("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
-    print(f"targets: ratio <= 1.10 for calib none; cal/eval <= 0.5 for bn "
-          f"({cfg.search.calib_batches} batches of {cfg.data.batch_size})")
+    print("peak (matmul 2048^3): " + ", ".join(f"{p} {r / 1e9:.1f} GMAC/s" for p, r in peaks.items())
+          + f"; calibration {cfg.search.calib_batches} batches of {cfg.data.batch_size}, "
+          f"reconstruction {cfg.search.reconstruct_samples} images")
+
+    if args.policies:
+        cfg.search.calibration = calibration
+        env = ws.env()
+        started = time.perf_counter()
+        report = check_fidelity(env, policies=args.policies, seed=cfg.seed, reference_repair=env.scorer.repair.in_fp32())
+        print(f"fidelity ({calibration}, {args.policies} random clipped policies + the base model, "
+              f"{time.perf_counter() - started:.1f} s):")
+        for precision, c in report["candidates"].items():
+            print(f"  {precision} vs fp32: Spearman {c['spearman']:.4f}, mean |top-1 difference| "
+                  f"{100 * c['mean_abs_diff']:.3f} points (allowed < {100 * c['allowed_mean_abs_diff']:.3f}), "
+                  f"max {100 * c['max_abs_diff']:.3f}, passed {c['passed']}")
+        if not report["candidates"]:
+            print("  nothing to check: rewards are fp32 on this machine")
 
 
 if __name__ == "__main__":

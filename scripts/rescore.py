@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_run_config(args.run_dir)
         workspace = Workspace(cfg)
-        space = workspace.space(workspace.base_model)
+        space = workspace.base_space
         candidates = top_policies(read_episodes(args.run_dir), space.names, space.sizes, args.top)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

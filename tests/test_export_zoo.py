@@ -32,7 +32,7 @@ def clipped_random_policy(model, shape, seed: int):
     graph = find_units(model, shape)
     space = ChannelSpace(model, graph)
     x = torch.randn(4, *shape[1:])
-    scorer = Scorer(model, [(x, torch.zeros(4, dtype=torch.long))], calibration="none")
+    scorer = Scorer(model, [(x, torch.zeros(4, dtype=torch.long))])
     env = PruningEnv(model, space, scorer, "resource", target=0.5)
     rng = np.random.default_rng(seed)
     env.reset()

@@ -45,7 +45,7 @@ def make_env(model: nn.Module, shape, target=TARGET, round_to=1, prune_residual=
     graph = find_units(model, shape, prune_residual)
     space = ChannelSpace(model, graph, "flops", round_to)
     x = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0))
-    scorer = Scorer(model, [(x, torch.tensor([0, 1]))], calibration="none")
+    scorer = Scorer(model, [(x, torch.tensor([0, 1]))])
     return PruningEnv(model, space, scorer, "resource", target, lbound, 1.0)
 
 

@@ -1,0 +1,109 @@
+"""The fidelity check: may rewards be scored in reduced precision, or must they be fp32?
+
+At search start the base model and a few random clipped policies are scored on the fast path
+and in plain fp32 (eager, BN unfolded: the reference). A reduced precision is kept only if it
+would not reorder them (Spearman rank correlation >= 0.98) and its mean |top-1 difference|
+stays under a quarter of the reward's own sampling error (the binomial standard error at the
+reward-val size); otherwise the search scores in fp32 and says so in one warning line.
+
+The policies come from a private generator and the env's own episodes: the search's random
+streams are not touched, so a resumed search makes the same decision and the same rewards.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from amc.calibration import Repair
+from amc.envs import PruningEnv, run_episode
+from amc.files import atomic_write_json
+from amc.metrics import accuracy
+
+MIN_RANK_CORRELATION = 0.98
+TOLERANCE = 0.25  # of the reward's binomial standard error
+POLICIES = 5
+REFERENCE_BATCH_SIZE = 256  # fp32 results do not depend on it
+
+
+def rank_correlation(a: list[float], b: list[float]) -> float:
+    """Spearman's rho with average ranks for ties; 1.0 when both are constant, NaN when one is."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return 1.0 if np.ptp(x) == np.ptp(y) == 0 else math.nan
+
+    def ranks(v: np.ndarray) -> np.ndarray:
+        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+        ends = np.cumsum(counts)
+        return ((ends - counts + ends + 1) / 2.0)[inverse]  # average 1-based rank of each tie group
+
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
+def reference_error(env: PruningEnv, keep: list[int], repair: Repair | None = None) -> float:
+    """The policy's reward error in plain fp32 (eager, BN unfolded) after ``repair`` (default:
+    the scorer's own, so that only the evaluation differs from the reward)."""
+    scorer = env.scorer
+    pruned = env.space.apply(copy.deepcopy(env.model), keep)
+    (repair or scorer.repair)(pruned, env.space.refit_layers(keep))
+    return 1.0 - accuracy(pruned, scorer.fast.batches(REFERENCE_BATCH_SIZE))[scorer.metric]
+
+
+def compare(fast: list[float], reference: list[float], images: int, tolerance: float, min_rank: float) -> dict:
+    """The numbers the decision rests on, and the decision."""
+    diffs = [abs(f - r) for f, r in zip(fast, reference)]
+    mean_error = float(np.mean(reference))
+    se = max(math.sqrt(mean_error * (1.0 - mean_error) / images), 1.0 / images)
+    rho = rank_correlation(fast, reference)
+    mean_diff = float(np.mean(diffs))
+    return {"errors": fast, "spearman": rho, "mean_abs_diff": mean_diff, "max_abs_diff": float(max(diffs)),
+            "standard_error": se, "allowed_mean_abs_diff": tolerance * se,
+            "passed": bool(rho >= min_rank and mean_diff < tolerance * se)}
+
+
+def check_fidelity(env: PruningEnv, path: str | Path | None = None, policies: int = POLICIES, seed: int = 0,
+                   tolerance: float = TOLERANCE, min_rank: float = MIN_RANK_CORRELATION,
+                   reference_repair: Repair | None = None) -> dict:
+    """Pick the precision of ``env``'s rewards (set on its scorer); the numbers go to ``path`` (JSON).
+
+    Candidates are the scorer's (``search.precision``: auto tries the hardware's native reduced
+    precisions in order; fp32 has none and is not checked). The reference repairs each policy
+    with the scorer's repair (which export shares) unless ``reference_repair`` is given, and
+    evaluates it in plain fp32. A strict ``mean < tolerance * SE`` means a zero tolerance always
+    falls back to fp32.
+    """
+    scorer = env.scorer
+    started = time.perf_counter()
+    images = len(scorer.fast.labels)
+    report: dict = {"candidates": {}, "reward_val_images": images, "policies": policies, "seed": seed}
+    if scorer.candidates:
+        rng = np.random.default_rng(seed)
+        scorer.use_precision(scorer.candidates[0])
+        played = [run_episode(env, lambda obs: rng.uniform(0.0, 1.0, size=1).astype(np.float32)).info
+                  for _ in range(policies)]
+        keeps = [list(env.space.sizes)] + [info["keep"] for info in played]
+        first = [env.evaluate(keeps[0])[1]["error"]] + [info["error"] for info in played]
+        reference = [reference_error(env, keep, reference_repair) for keep in keeps]
+        report.update(keeps=keeps, fp32_errors=reference)
+        for precision in scorer.candidates:
+            scorer.use_precision(precision)
+            fast = first if precision == scorer.candidates[0] else [env.evaluate(k)[1]["error"] for k in keeps]
+            report["candidates"][precision] = compare(fast, reference, images, tolerance, min_rank)
+            if report["candidates"][precision]["passed"]:
+                break
+        else:
+            worst = report["candidates"][scorer.candidates[-1]]
+            warnings.warn(
+                f"fidelity check: {', '.join(scorer.candidates)} would change the rewards (Spearman "
+                f"{worst['spearman']:.3f}, mean |top-1 difference| {100 * worst['mean_abs_diff']:.2f} points, "
+                f"allowed < {100 * worst['allowed_mean_abs_diff']:.2f}); rewards are scored in fp32")
+            scorer.use_precision("fp32")
+    report.update(precision=scorer.precision, seconds=time.perf_counter() - started)
+    if path is not None:
+        atomic_write_json(path, report)
+    return report
