@@ -1,11 +1,14 @@
 """Score a pruned copy: calibrate it (adaptive BN, least squares, both or none), then measure
 its error on the reward-val subset. All data is held in memory as fixed batches, so the same
-policy always gets the same reward and no data loading happens inside an episode."""
+policy always gets the same reward and no data loading happens inside an episode.
+
+The error is 1 - top-1 (or top-5) accuracy, or 1 - ``evaluate(model, batches)`` for a user's
+metric (higher is better): the resource protocol's reward ``-error`` is then ``metric - 1``."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +24,7 @@ class Scorer:
         self, original: nn.Module, reward_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
         calib_batches: Sequence[torch.Tensor] = (), recon_images: torch.Tensor | None = None,
         calibration: str = "bn", metric: str = "top1", seed: int = 0,
+        evaluate: Callable[[nn.Module, Sequence], float] | None = None,
     ):
         if calibration not in CALIBRATIONS:
             raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
@@ -33,6 +37,7 @@ class Scorer:
         self.calibration = calibration
         self.metric = metric
         self.seed = seed
+        self.evaluate = evaluate
 
     def calibrate(self, pruned: nn.Module, refit_layers: dict, timings: dict[str, float]) -> None:
         start = time.perf_counter()
@@ -45,6 +50,8 @@ class Scorer:
         timings["calibrate"] = time.perf_counter() - start
 
     def error(self, model: nn.Module) -> float:
+        if self.evaluate is not None:
+            return 1.0 - self.evaluate(model, self.reward_batches)
         return 1.0 - accuracy(model, self.reward_batches)[self.metric]
 
     def __call__(self, pruned: nn.Module, refit_layers: dict | None = None) -> tuple[float, dict[str, float]]:
