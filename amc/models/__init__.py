@@ -55,6 +55,9 @@ def build_model(name: str, num_classes: int, in_channels: int, kwargs: dict | No
     if not isinstance(name, str) or not name.strip():
         raise UserError(f"model name must be a non-empty string, got {name!r}")
     name = name.strip()
+    if name.startswith(OBJECT_PREFIX):
+        raise UserError(f"{name!r} is a model object given to amc.compress(); only Python can rebuild it "
+                        "(amc.load_pruned(path, model=YourModel()))")
     check_sizes(name, num_classes, in_channels)
     if name in ZOO:
         return _call(name, ZOO[name], {"num_classes": num_classes, "in_channels": in_channels, **kwargs})
@@ -62,9 +65,6 @@ def build_model(name: str, num_classes: int, in_channels: int, kwargs: dict | No
         return _build_torchvision(name, name[len(TORCHVISION_PREFIX):].strip(), num_classes, in_channels, kwargs)
     if name.startswith(TIMM_PREFIX):
         return _build_timm(name, name[len(TIMM_PREFIX):].strip(), num_classes, in_channels, kwargs)
-    if name.startswith(OBJECT_PREFIX):
-        raise UserError(f"{name!r} is a model object given to amc.compress(); only Python can rebuild it "
-                        "(amc.load_pruned(path, model=YourModel()))")
     if ":" in name:
         return _build_from_import_path(name, num_classes, in_channels, kwargs)
     raise UserError(
