@@ -13,12 +13,8 @@ state_dict saved with ``torch.save`` (the ``module.`` prefix of DataParallel and
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 

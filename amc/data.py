@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
-from amc.config import DataConfig
+from amc.config import OBJECT_PREFIX, DataConfig
 from amc.errors import UserError
 from amc.imports import import_object
 
@@ -218,6 +218,9 @@ def load_splits(cfg: DataConfig, seed: int, preprocessing: ImagePreprocessing | 
     ``preprocessing`` (pretrained weights') replaces the image folder's resize, interpolation and
     default mean/std.
     """
+    if cfg.name.startswith(OBJECT_PREFIX):
+        raise UserError(f"{cfg.name} is data given to amc.compress(), which a name cannot load: call amc.compress "
+                        "again (same run_dir)", field="data.name")
     if not cfg.builtin:
         return _factory_splits(cfg, seed)
     spec = _SPECS[cfg.name]
@@ -273,6 +276,8 @@ def _factory_splits(cfg: DataConfig, seed: int) -> DataSplits:
         raise UserError(f"{label}: the factory must return (train, test, num_classes, in_channels), "
                         f"got {type(result).__name__}")
     train, test, num_classes, in_channels = result
+    if test is None:
+        raise UserError(f"{label}: the factory returned no test set; return a Dataset (it is only measured)")
     for field, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise UserError(f"{label}: the factory's {field} must be a positive int, got {value!r}")

@@ -32,9 +32,9 @@ from amc.graph import PrunableGraph, find_units
 from amc.metrics import accuracy
 from amc.models import build_model, model_spec
 from amc.scoring import Scorer
-
-Metric = Callable[[nn.Module, Iterable], float]
 from amc.spaces import ChannelSpace, FineGrainedSpace, Space
+
+Metric = Callable[[nn.Module, Iterable], float]  # evaluate(model, batches) -> higher is better
 
 
 def seed_everything(seed: int) -> None:
@@ -146,8 +146,9 @@ class Workspace:
         if self.model is not None:
             return copy.deepcopy(self.model)
         m = self.cfg.model
+        channels, classes = self.data_shape  # a data problem is not the model's
         try:
-            return build_model(m.name, self.data_shape[1], self.data_shape[0], m.kwargs)
+            return build_model(m.name, classes, channels, m.kwargs)
         except UserError as exc:
             raise UserError(str(exc), where=self.cfg.source, field="model") from None
 
@@ -179,6 +180,7 @@ class Workspace:
         elif self.cfg.model.weights is not None:
             model = self._pretrained_model()
         else:
+            self.new_model()  # a name that cannot be built says so first
             raise UserError("no trained weights: set model.checkpoint (written by `amc train`, or your own "
                             "state_dict / .safetensors) or model.weights (torchvision / timm)",
                             where=self.cfg.source, field="model")

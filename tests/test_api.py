@@ -7,7 +7,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import amc
+from amc.cli import main
 from amc.errors import UserError
 from amc.metrics import accuracy, count_macs
 from conftest import ROOT
@@ -173,14 +173,17 @@ def test_repeating_the_call_resumes_and_other_inputs_are_refused(tmp_path):
         amc.compress(model, data, target=0.4, episodes=6, run_dir=run, **{**QUICK, "finetune": {"epochs": 0}})
 
 
-def test_load_pruned_needs_the_original_class(tmp_path):
+def test_load_pruned_needs_the_original_class(tmp_path, capsys):
     images, labels = digits()
     result = amc.compress(trained_mynet(images, labels, epochs=1), TensorDataset(images, labels), episodes=2,
                           run_dir=tmp_path / "run", **{**QUICK, "finetune": {"epochs": 0}})
-    with pytest.raises(UserError, match=r"'python:test_api.MyNet' is a model object given to amc.compress\(\)"):
+    with pytest.raises(UserError, match=r"'python:test_api.MyNet' is a model object given to amc.compress\(\), which a name cannot rebuild"):
         amc.load_pruned(result.checkpoint)
     with pytest.raises(UserError, match="pruned.pt: was pruned from a test_api.MyNet, not a test_api.Regressor"):
         amc.load_pruned(result.checkpoint, model=Regressor())
+    assert main(["export", str(result.run_dir)]) == 2  # the CLI cannot rebuild the objects: one line says so
+    assert "amc: error: data.name: python:torch.utils.data.dataset.TensorDataset is data given to amc.compress(), " \
+           "which a name cannot load: call amc.compress again (same run_dir)\n" in capsys.readouterr().err
     again = amc.load_pruned(result.checkpoint, model=MyNet())
     assert accuracy(again, [(images, labels)])["top1"] == pytest.approx(
         accuracy(result.model.cpu(), [(images, labels)])["top1"])

@@ -286,3 +286,40 @@ def test_timm_without_timm_says_how_to_install(tmp_path, capsys, monkeypatch):
     raw["model"]["name"] = "timm:test_resnet"
     assert main(["info", str(write_config(tmp_path / "timm.yaml", raw))]) == 2
     assert "timm:<name> models need timm: pip install 'amc-search[timm]'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache, and a hub endpoint that refuses connections (no network)."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    return tmp_path / "hf"
+
+
+def timm_raw(tmp_path: Path) -> dict:
+    raw = demo_dict(tmp_path)
+    raw["model"] = {"name": "timm:test_resnet", "weights": "DEFAULT"}
+    raw["data"] = {"name": f"{__name__}:random_images", "reward_val_size": 8, "select_size": 8}
+    return raw
+
+
+def test_timm_weights_load_from_the_hugging_face_cache(tmp_path, hf_cache):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(2)
+    state = timm.create_model("test_resnet").state_dict()  # 1000 classes, as the pretrained weights
+    snapshot = hf_cache / "models--timm--test_resnet.r160_in1k" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (hf_cache / "models--timm--test_resnet.r160_in1k" / "refs").mkdir()
+    (hf_cache / "models--timm--test_resnet.r160_in1k" / "refs" / "main").write_text("abc123")
+    save_file(state, str(snapshot / "model.safetensors"))
+    base = Workspace(config_from_dict(timm_raw(tmp_path))).base_model
+    assert all(torch.equal(v, state[k]) for k, v in base.state_dict().items())
+
+
+def test_missing_timm_weights_fail_in_one_line_offline(tmp_path, hf_cache):
+    pytest.importorskip("timm")
+    with pytest.raises(UserError) as info:
+        Workspace(config_from_dict(timm_raw(tmp_path))).base_model
+    assert str(info.value).startswith("model.weights: cannot reach 127.0.0.1 to download the weights (")
+    assert str(info.value).endswith("offline, they must be in the Hugging Face cache (HF_HOME)")

@@ -56,8 +56,8 @@ def build_model(name: str, num_classes: int, in_channels: int, kwargs: dict | No
         raise UserError(f"model name must be a non-empty string, got {name!r}")
     name = name.strip()
     if name.startswith(OBJECT_PREFIX):
-        raise UserError(f"{name!r} is a model object given to amc.compress(); only Python can rebuild it "
-                        "(amc.load_pruned(path, model=YourModel()))")
+        raise UserError(f"{name!r} is a model object given to amc.compress(), which a name cannot rebuild: call "
+                        "amc.compress again (same run_dir), or amc.load_pruned(path, model=YourModel())")
     check_sizes(name, num_classes, in_channels)
     if name in ZOO:
         return _call(name, ZOO[name], {"num_classes": num_classes, "in_channels": in_channels, **kwargs})
