@@ -196,8 +196,8 @@ def _check_instance(model: nn.Module, spec: dict, path: str | Path) -> nn.Module
         raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}", field="model")
     name = spec.get("name", "")
     if name.startswith(OBJECT_PREFIX) and name != object_name(model):
-        raise UserError(f"was pruned from a {name[len(OBJECT_PREFIX):]}, not a {object_name(model)[len(OBJECT_PREFIX):]}",
-                        where=str(path))
+        given = object_name(model)[len(OBJECT_PREFIX):]
+        raise UserError(f"was pruned from a {name[len(OBJECT_PREFIX):]}, not a {given}", where=str(path))
     return model
 
 

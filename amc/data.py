@@ -73,7 +73,7 @@ class DataSplits:
     reward_val: Dataset  # held out of the training split, eval transform: scores policies
     select: Dataset  # held out too, disjoint from reward_val: picks the run's answer among candidates
     test: Dataset | None  # eval transform; None when amc.compress was given no test data
-    num_classes: int
+    num_classes: int | None  # None: data given to amc.compress that does not say (only recorded)
     in_channels: int
 
 
@@ -234,7 +234,7 @@ def load_splits(cfg: DataConfig, seed: int, preprocessing: ImagePreprocessing | 
     return _imagefolder_splits(cfg, spec, mean, std, seed, preprocessing)
 
 
-def dataset_splits(train: Dataset, test: Dataset | None, num_classes: int, in_channels: int, cfg: DataConfig,
+def dataset_splits(train: Dataset, test: Dataset | None, num_classes: int | None, in_channels: int, cfg: DataConfig,
                    seed: int, held_out: tuple[Dataset, Dataset | None] | None = None) -> DataSplits:
     """A user's Datasets as DataSplits: reward-val and select held out of ``train`` by the seeded
     permutation (as for the built-in sets), or ``held_out`` = (reward_val, select) as given

@@ -222,7 +222,8 @@ class Workspace:
         with torch.no_grad():
             value = self.evaluate(model.eval(), batches)
         if not isinstance(value, numbers.Real) and not (isinstance(value, torch.Tensor) and value.numel() == 1):
-            raise UserError(f"evaluate(model, loader) must return a float (higher is better), got {type(value).__name__}")
+            raise UserError("evaluate(model, loader) must return a float (higher is better), "
+                            f"got {type(value).__name__}")
         value = float(value)
         if self.cfg.search.protocol == "accuracy" and value > 1 and math.isfinite(value):
             raise UserError(f"evaluate returned {value:g}; the accuracy protocol's reward -(1 - metric) * log(FLOPs) "

@@ -177,7 +177,8 @@ def test_load_pruned_needs_the_original_class(tmp_path, capsys):
     images, labels = digits()
     result = amc.compress(trained_mynet(images, labels, epochs=1), TensorDataset(images, labels), episodes=2,
                           run_dir=tmp_path / "run", **{**QUICK, "finetune": {"epochs": 0}})
-    with pytest.raises(UserError, match=r"'python:test_api.MyNet' is a model object given to amc.compress\(\), which a name cannot rebuild"):
+    with pytest.raises(UserError, match=r"'python:test_api.MyNet' is a model object given to amc.compress\(\), which a "
+                                        r"name cannot rebuild"):
         amc.load_pruned(result.checkpoint)
     with pytest.raises(UserError, match="pruned.pt: was pruned from a test_api.MyNet, not a test_api.Regressor"):
         amc.load_pruned(result.checkpoint, model=Regressor())
@@ -191,8 +192,10 @@ def test_load_pruned_needs_the_original_class(tmp_path, capsys):
 
 @pytest.mark.parametrize("call, message", [
     (lambda m, d: amc.compress("resnet20", d), "amc.compress: model must be a torch.nn.Module, got str"),
-    (lambda m, d: amc.compress(m, d, target=1.5), "amc.compress: search.target: Input should be less than or equal to 1"),
-    (lambda m, d: amc.compress(m, d, serach={"episodes": 3}), "amc.compress: serach: unknown key (did you mean search?)"),
+    (lambda m, d: amc.compress(m, d, target=1.5),
+     "amc.compress: search.target: Input should be less than or equal to 1"),
+    (lambda m, d: amc.compress(m, d, serach={"episodes": 3}),
+     "amc.compress: serach: unknown key (did you mean search?)"),
     (lambda m, d: amc.compress(m, [1, 2, 3]), "data: train: a sample must be a pair (input tensor, target), got a int"),
     (lambda m, d: amc.compress(m, d, select=d), "amc.compress: select was given without reward_val"),
     (lambda m, d: amc.compress(m, d, data={"name": "digits"}), "data.name is the data given to compress"),
