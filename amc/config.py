@@ -27,16 +27,44 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# The data sets amc reads itself; any other data comes from a 'package.module:factory'.
+BUILTIN_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
+# Model and data names of objects handed to ``amc.compress``: recorded in a run's config, never rebuilt from it.
+OBJECT_PREFIX = "python:"
+PRETRAINED_PREFIXES = ("torchvision:", "timm:")
+
+
+def is_import_path(name: str) -> bool:
+    """``package.module:attr`` (dotted identifiers on both sides of one colon)."""
+    module, sep, attr = name.partition(":")
+    return bool(sep) and all(part.isidentifier() for text in (module, attr) for part in text.split("."))
+
+
 class ModelConfig(Section):
-    name: str = Field(description="zoo name, 'torchvision:<name>', or 'package.module:factory'")
+    name: str = Field(description="zoo name, 'torchvision:<name>', 'timm:<name>' or 'package.module:factory'")
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: str = Field(description="trained weights of the base model (written by `amc train`)")
+    checkpoint: str | None = Field(None, description=(
+        "trained weights of the base model: an amc checkpoint (written by `amc train`), a plain "
+        "state_dict (.pt/.pth) or a .safetensors file"))
+    weights: str | None = Field(None, description=(
+        "pretrained weights of a torchvision: or timm: model: DEFAULT or a weights name (torchvision's enum, "
+        "timm's tag); the base model itself when there is no checkpoint, the starting point of `amc train` otherwise"))
+
+    @model_validator(mode="after")
+    def _weights(self) -> "ModelConfig":
+        if self.weights is not None and not self.name.strip().startswith(PRETRAINED_PREFIXES):
+            raise ValueError("weights: only torchvision:<name> and timm:<name> models have pretrained weights; "
+                             "give your own as model.checkpoint")
+        return self
 
 
 class DataConfig(Section):
-    name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder"]
+    name: str = Field(description=f"{', '.join(BUILTIN_DATASETS)}, or 'package.module:factory' returning "
+                                  "(train, test, num_classes, in_channels)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a data factory")
     root: str | None = None
-    input_size: int = Field(gt=0, description="images are padded or resized to this side length")
+    input_size: int | None = Field(None, gt=0, description=(
+        "built-in data sets: images are padded or resized to this side length (other data: its own sample shape)"))
     mean: list[float] | None = None
     std: list[float] | None = None
     reward_val_size: int = Field(gt=0, description="images held out of the training split to score policies")
@@ -55,6 +83,33 @@ class DataConfig(Section):
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             return value
         raise ValueError(f"must be a positive integer or auto, got {value!r}")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        name = name.strip()
+        if name in BUILTIN_DATASETS or is_import_path(name) or name.startswith(OBJECT_PREFIX):
+            return name
+        close = difflib.get_close_matches(name, BUILTIN_DATASETS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ValueError(f"unknown data set {name!r}; {hint}built in: {', '.join(BUILTIN_DATASETS)}; or your own "
+                         "as 'package.module:factory'")
+
+    @property
+    def builtin(self) -> bool:
+        return self.name in BUILTIN_DATASETS
+
+    @model_validator(mode="after")
+    def _fields_of_the_kind(self) -> "DataConfig":
+        if self.builtin:
+            if self.input_size is None:
+                raise ValueError(f"input_size: required for the built-in data set {self.name}")
+            if self.kwargs:
+                raise ValueError("kwargs: only a data factory ('package.module:factory') takes kwargs")
+        elif self.mean is not None or self.root is not None or self.input_size is not None:
+            field = next(f for f in ("mean", "root", "input_size") if getattr(self, f) is not None)
+            raise ValueError(f"{field}: applies to the built-in data sets only; your factory prepares its own data")
+        return self
 
     @model_validator(mode="after")
     def _mean_std(self) -> "DataConfig":

@@ -12,6 +12,12 @@ The small grayscale datasets (digits, MNIST, Fashion-MNIST) live in memory as on
 split with the eval transform (pad/resize + normalise) applied once up front. Evaluation batches
 are then plain tensor gathers; training augmentation is a per-sample shift/flip on tensors.
 CIFAR and ImageFolder go through torchvision datasets and PIL transforms.
+
+Any other data comes from the user as Datasets: from a ``package.module:factory`` named by
+``data.name`` (``factory(**data.kwargs)`` returns ``(train, test, num_classes, in_channels)``),
+or handed to ``amc.compress``. ``dataset_splits`` holds reward-val and select out of their train
+set with the same seeded permutation as the built-in sets; their samples are used as given
+(``train`` and ``train_eval`` are the same images).
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
-from amc.config import DataConfig
+from amc.config import OBJECT_PREFIX, DataConfig
 from amc.errors import UserError
+from amc.imports import import_object
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 """Where Debian's ``dataset-fashion-mnist`` package installs the idx files."""
@@ -65,9 +72,19 @@ class DataSplits:
     train_eval: Dataset  # same images as train, eval transform
     reward_val: Dataset  # held out of the training split, eval transform: scores policies
     select: Dataset  # held out too, disjoint from reward_val: picks the run's answer among candidates
-    test: Dataset  # eval transform
-    num_classes: int
+    test: Dataset | None  # eval transform; None when amc.compress was given no test data
+    num_classes: int | None  # None: data given to amc.compress that does not say (only recorded)
     in_channels: int
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """The preprocessing pretrained weights were trained with (``amc.models.pretrained.preprocessing``)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize_ratio: float  # resize side / crop side (torchvision: 256 / 224)
+    interpolation: str  # a torchvision InterpolationMode value: "bilinear", "bicubic", ...
 
 
 # --------------------------------------------------------------------------- datasets
@@ -180,10 +197,10 @@ class TransformedSubset(Dataset):
 
 
 def data_shape(cfg: DataConfig) -> tuple[int, int]:
-    """(input channels, classes) without loading the images: enough to build the model.
+    """(input channels, classes) of a built-in data set without loading the images: enough to build the model.
 
     An image folder has one class per folder under ``root/train``; 1000 (ImageNet) when the
-    folder is not there yet.
+    folder is not there yet. A data factory must be called (``load_splits``) to know its shape.
     """
     spec = _SPECS[cfg.name]
     if spec.classes is not None:
@@ -193,19 +210,78 @@ def data_shape(cfg: DataConfig) -> tuple[int, int]:
     return spec.channels, classes or 1000
 
 
-def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
+def load_splits(cfg: DataConfig, seed: int, preprocessing: ImagePreprocessing | None = None) -> DataSplits:
     """Load ``cfg.name`` and split it into train / train_eval / reward_val / test.
 
     The reward-val images are the first ``cfg.reward_val_size`` of a ``numpy.default_rng(seed)``
     permutation of the training split; the rest is ``train``. The test split is never touched.
+    ``preprocessing`` (pretrained weights') replaces the image folder's resize, interpolation and
+    default mean/std.
     """
+    if cfg.name.startswith(OBJECT_PREFIX):
+        raise UserError(f"{cfg.name} is data given to amc.compress(), which a name cannot load: call amc.compress "
+                        "again (same run_dir)", field="data.name")
+    if not cfg.builtin:
+        return _factory_splits(cfg, seed)
     spec = _SPECS[cfg.name]
+    if preprocessing is not None and cfg.name == "imagefolder" and cfg.mean is None:
+        spec = _Spec(spec.channels, spec.classes, preprocessing.mean, preprocessing.std, spec.max_shift, spec.flip)
     mean, std = _mean_std(cfg, spec)
     if cfg.name in ("digits", "mnist", "fashion_mnist"):
         return _in_memory_splits(cfg, spec, mean, std, seed)
     if cfg.name in ("cifar10", "cifar100"):
         return _cifar_splits(cfg, spec, mean, std, seed)
-    return _imagefolder_splits(cfg, spec, mean, std, seed)
+    return _imagefolder_splits(cfg, spec, mean, std, seed, preprocessing)
+
+
+def dataset_splits(train: Dataset, test: Dataset | None, num_classes: int | None, in_channels: int, cfg: DataConfig,
+                   seed: int, held_out: tuple[Dataset, Dataset | None] | None = None) -> DataSplits:
+    """A user's Datasets as DataSplits: reward-val and select held out of ``train`` by the seeded
+    permutation (as for the built-in sets), or ``held_out`` = (reward_val, select) as given
+    (select None: the run chooses on reward-val)."""
+    for label, dataset in (("train", train), ("test", test), *zip(("reward_val", "select"), held_out or ())):
+        if dataset is not None:
+            _check_dataset(dataset, label)
+    if held_out is None:
+        train_pos, reward_pos, select_pos = _split_held_out(len(train), cfg, seed)
+        reward_val, select = Subset(train, reward_pos.tolist()), Subset(train, select_pos.tolist())
+        train = Subset(train, train_pos.tolist())
+    else:
+        reward_val, select = held_out[0], held_out[1] if held_out[1] is not None else Subset(held_out[0], [])
+    return DataSplits(train=train, train_eval=train, reward_val=reward_val, select=select, test=test,
+                      num_classes=num_classes, in_channels=in_channels)
+
+
+def _check_dataset(dataset: Any, label: str) -> None:
+    """A map-style Dataset of (input tensor, target) samples, else a one-line UserError."""
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise UserError(f"{label}: expected a map-style torch Dataset (with __len__ and __getitem__), "
+                        f"got {type(dataset).__name__}", field="data")
+    if len(dataset) == 0:
+        raise UserError(f"{label}: the dataset is empty", field="data")
+    sample = dataset[0]
+    if not isinstance(sample, (tuple, list)) or len(sample) != 2:
+        shape = f"a {len(sample)}-tuple" if isinstance(sample, (tuple, list)) else f"a {type(sample).__name__}"
+        raise UserError(f"{label}: a sample must be a pair (input tensor, target), got {shape}", field="data")
+    if not isinstance(sample[0], Tensor):
+        raise UserError(f"{label}: a sample's input must be a tensor, got {type(sample[0]).__name__}; give the "
+                        "dataset a transform that returns tensors", field="data")
+
+
+def _factory_splits(cfg: DataConfig, seed: int) -> DataSplits:
+    """``data.name: package.module:factory``: ``factory(**data.kwargs)`` -> (train, test, num_classes, in_channels)."""
+    label = f"data.name: {cfg.name}"
+    result = import_object(cfg.name, label)(**cfg.kwargs)
+    if not (isinstance(result, (tuple, list)) and len(result) == 4):
+        raise UserError(f"{label}: the factory must return (train, test, num_classes, in_channels), "
+                        f"got {type(result).__name__}")
+    train, test, num_classes, in_channels = result
+    if test is None:
+        raise UserError(f"{label}: the factory returned no test set; return a Dataset (it is only measured)")
+    for field, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"{label}: the factory's {field} must be a positive int, got {value!r}")
+    return dataset_splits(train, test, num_classes, in_channels, cfg, seed)
 
 
 def split_signature(cfg: DataConfig, seed: int) -> dict[str, Any]:
@@ -223,6 +299,8 @@ def split_signature(cfg: DataConfig, seed: int) -> dict[str, Any]:
     signature: dict[str, Any] = {"dataset": cfg.name, "seed": seed, "reward_val_size": cfg.reward_val_size}
     if cfg.select_size:
         signature["select_size"] = cfg.select_size
+    if cfg.kwargs:  # a data factory's arguments may change its images
+        signature["kwargs"] = cfg.kwargs
     if cfg.name == "imagefolder":
         signature["root"] = None if cfg.root is None else str(Path(cfg.root).expanduser().resolve())
     return signature
@@ -264,6 +342,17 @@ def make_loader(
 
 
 # --------------------------------------------------------------------------- shared helpers
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Tensors, and tensors inside tuples, lists and dicts (a detection target), moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
 
 
 def _mean_std(cfg: DataConfig, spec: _Spec) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -507,7 +596,8 @@ def _cifar_splits(
 
 
 def _imagefolder_splits(
-    cfg: DataConfig, spec: _Spec, mean: tuple[float, ...], std: tuple[float, ...], seed: int
+    cfg: DataConfig, spec: _Spec, mean: tuple[float, ...], std: tuple[float, ...], seed: int,
+    preprocessing: ImagePreprocessing | None = None,
 ) -> DataSplits:
     from torchvision import datasets
     from torchvision import transforms as T
@@ -534,10 +624,12 @@ def _imagefolder_splits(
         )
 
     tail = [T.ToTensor(), T.Normalize(mean, std)]
+    ratio, mode = (256 / 224, T.InterpolationMode.BILINEAR) if preprocessing is None else (
+        preprocessing.resize_ratio, T.InterpolationMode(preprocessing.interpolation))
     eval_tf = T.Compose(
-        [T.Resize(int(cfg.input_size * 256 / 224)), T.CenterCrop(cfg.input_size)] + tail
+        [T.Resize(int(cfg.input_size * ratio), interpolation=mode), T.CenterCrop(cfg.input_size)] + tail
     )
-    train_tf = T.Compose([T.RandomResizedCrop(cfg.input_size), T.RandomHorizontalFlip()] + tail)
+    train_tf = T.Compose([T.RandomResizedCrop(cfg.input_size, interpolation=mode), T.RandomHorizontalFlip()] + tail)
     return _torchvision_splits(cfg, seed, train_base, test_base, train_tf, eval_tf, len(train_base.classes))
 
 

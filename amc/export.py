@@ -11,12 +11,12 @@ from torch import nn
 from amc.checkpoint import PRUNED_FORMAT, save_checkpoint
 from amc.errors import UserError
 from amc.factory import Workspace
-from amc.inference import fp32_accuracy
 from amc.metrics import count_macs, count_nonzero_params, count_params, latency_report
 
 
 def measure(model: nn.Module, workspace: Workspace, splits: tuple[str, ...] = ("reward_val", "test")) -> dict:
-    """MACs, parameters (all and non-zero), latency (two batch sizes) and top-1 / top-5 on the named splits (fp32)."""
+    """MACs, parameters (all and non-zero), latency (two batch sizes) and top-1 / top-5 (or the
+    workspace's own metric) on the named splits."""
     model = model.to(workspace.device).eval()
     out = {
         "macs": count_macs(model, workspace.input_shape),
@@ -25,8 +25,7 @@ def measure(model: nn.Module, workspace: Workspace, splits: tuple[str, ...] = ("
         **latency_report(model, workspace.input_shape, workspace.cfg.latency),
     }
     for split in splits:
-        acc = fp32_accuracy(model, workspace.loader(split))
-        out[f"{split}_top1"], out[f"{split}_top5"] = acc["top1"], acc["top5"]
+        out.update(workspace.split_metrics(model, split))
     return out
 
 

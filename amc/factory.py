@@ -1,9 +1,18 @@
-"""Build the objects a config describes: device, data, base model, space, scorer, environment."""
+"""Build the objects a config describes: device, data, base model, space, scorer, environment.
+
+A ``Workspace`` may also be handed objects a config cannot describe (``amc.compress``): the
+user's trained model, their data and their metric. They pre-empt what the config would build,
+and everything downstream (search, selection, export, fine-tuning) is the same code.
+"""
 
 from __future__ import annotations
 
+import copy
+import math
+import numbers
 import random
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import islice
@@ -15,15 +24,18 @@ import torch
 from torch import nn
 
 from amc.calibration import Repair
-from amc.checkpoint import BASE_FORMAT, load_checkpoint, load_state
+from amc.checkpoint import load_state, read_weights
 from amc.config import Config, load_config
-from amc.data import DataSplits, data_shape, load_splits, make_loader, split_signature
+from amc.data import (DataSplits, ImagePreprocessing, data_shape, load_splits, make_loader, split_signature,
+                      to_device)
 from amc.errors import UserError
 from amc.graph import PrunableGraph, find_units
-from amc.inference import repair_dtype
+from amc.inference import fp32_accuracy, repair_dtype
 from amc.models import build_model, model_spec
 from amc.scoring import Scorer
 from amc.spaces import ChannelSpace, FineGrainedSpace, Space
+
+Metric = Callable[[nn.Module, Iterable], float]  # evaluate(model, batches) -> higher is better
 
 
 def seed_everything(seed: int) -> None:
@@ -41,7 +53,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cached_batches(dataset, batch_size: int, limit: int | None = None,
-                   seed: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                   seed: int | None = None) -> list[tuple[torch.Tensor, Any]]:
     """The first ``limit`` batches of ``dataset`` held in memory: in order, or with ``seed`` in
     the order of a shuffle seeded by it (the same batches on every call)."""
     loader = make_loader(dataset, batch_size, shuffle=seed is not None, seed=seed or 0)
@@ -72,9 +84,21 @@ def _check_split(path: Path, recorded: dict[str, Any] | None, cfg: Config) -> No
 
 @dataclass
 class Workspace:
-    """A config and the things built from it, each on first use."""
+    """A config and the things built from it, each on first use.
+
+    ``model``, ``data``, ``evaluate`` and ``loss`` are objects given from Python (``amc.compress``);
+    each replaces what the config would build: the trained base model, the data splits, top-1
+    (or top-5) accuracy as the metric the search maximises, and cross-entropy as the training
+    loss. ``example_input`` sets the input shape the model is traced at (default: the config's
+    ``input_size``, else a training sample's).
+    """
 
     cfg: Config
+    model: nn.Module | None = None
+    data: DataSplits | None = None
+    evaluate: Metric | None = None
+    loss: Callable[[Any, Any], torch.Tensor] | None = None
+    example_input: torch.Tensor | None = None
 
     @cached_property
     def device(self) -> torch.device:
@@ -82,17 +106,35 @@ class Workspace:
 
     @cached_property
     def splits(self) -> DataSplits:
-        return load_splits(self.cfg.data, self.cfg.seed)
+        if self.data is not None:
+            return self.data
+        return load_splits(self.cfg.data, self.cfg.seed, self._preprocessing())
+
+    def _preprocessing(self) -> ImagePreprocessing | None:
+        """The pretrained weights' preprocessing, for an image folder (the other built-in sets have their own)."""
+        m = self.cfg.model
+        if self.cfg.data.name != "imagefolder" or m.weights is None:
+            return None
+        from amc.models.pretrained import preprocessing
+
+        return ImagePreprocessing(**preprocessing(m.name, m.weights))
 
     @cached_property
     def data_shape(self) -> tuple[int, int]:
-        """(input channels, classes), known without loading the data."""
-        return data_shape(self.cfg.data)
+        """(input channels, classes): known without loading a built-in data set."""
+        if self.data is None and self.cfg.data.builtin:
+            return data_shape(self.cfg.data)
+        return self.splits.in_channels, self.splits.num_classes
 
-    @property
-    def input_shape(self) -> tuple[int, int, int, int]:
+    @cached_property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input (batch 1) the model is traced and measured at."""
+        if self.example_input is not None:
+            return (1, *self.example_input.shape[1:])
         size = self.cfg.data.input_size
-        return (1, self.data_shape[0], size, size)
+        if size is not None:
+            return (1, self.data_shape[0], size, size)
+        return (1, *self.splits.train_eval[0][0].shape)
 
     @property
     def spec(self) -> dict:
@@ -100,31 +142,112 @@ class Workspace:
         return model_spec(m.name, self.data_shape[1], self.data_shape[0], m.kwargs)
 
     def new_model(self) -> nn.Module:
-        """The config's architecture, freshly initialised; a bad name or kwargs names the config."""
+        """The config's architecture, freshly initialised (a copy of the given model object); a bad
+        name or kwargs names the config."""
+        if self.model is not None:
+            return copy.deepcopy(self.model)
         m = self.cfg.model
+        channels, classes = self.data_shape  # a data problem is not the model's
         try:
-            return build_model(m.name, self.data_shape[1], self.data_shape[0], m.kwargs)
+            return build_model(m.name, classes, channels, m.kwargs)
         except UserError as exc:
             raise UserError(str(exc), where=self.cfg.source, field="model") from None
 
+    def initial_model(self) -> nn.Module:
+        """What ``amc train`` starts from: the pretrained ``model.weights`` where they fit, else fresh weights."""
+        m = self.cfg.model
+        if m.weights is None:
+            return self.new_model()
+        from amc.models.pretrained import pretrained_model
+
+        model, fresh = pretrained_model(m.name, m.weights, self.data_shape[1], self.data_shape[0], m.kwargs)
+        if fresh:
+            warnings.warn(f"{m.name} {m.weights}: freshly initialised where the weights do not fit the data: "
+                          f"{', '.join(fresh[:4])}{' ...' if len(fresh) > 4 else ''}", stacklevel=2)
+        return model
+
     @property
-    def checkpoint_path(self) -> Path:
-        return Path(self.cfg.model.checkpoint)
+    def checkpoint_path(self) -> Path | None:
+        return None if self.cfg.model.checkpoint is None else Path(self.cfg.model.checkpoint)
 
     @cached_property
     def base_model(self) -> nn.Module:
-        """The trained base model, in eval mode on the device."""
-        path = self.checkpoint_path
+        """The trained base model, in eval mode on the device: the given model object (a copy), or
+        the weights of ``model.checkpoint`` (any format ``read_weights`` reads), or ``model.weights``."""
+        if self.model is not None:
+            model = copy.deepcopy(self.model)
+        elif self.checkpoint_path is not None:
+            model = self._checkpoint_model(self.checkpoint_path)
+        elif self.cfg.model.weights is not None:
+            model = self._pretrained_model()
+        else:
+            self.new_model()  # a name that cannot be built says so first
+            raise UserError("no trained weights: set model.checkpoint (written by `amc train`, or your own "
+                            "state_dict / .safetensors) or model.weights (torchvision / timm)",
+                            where=self.cfg.source, field="model")
+        return model.to(self.device).eval()
+
+    def _checkpoint_model(self, path: Path) -> nn.Module:
         if not path.is_file():
             raise UserError(f"trained base model not found; run `{self.cfg.command('train')}` first", where=str(path))
         model = self.new_model()  # a bad model name or import path is the config's fault, not the checkpoint's
-        data = load_checkpoint(path, BASE_FORMAT)
-        if data["spec"] != self.spec:
-            raise UserError(f"holds a {data['spec']['name']} model for {data['spec']['num_classes']} classes, "
-                            f"the config asks for {self.spec['name']} with {self.spec['num_classes']}", where=str(path))
-        _check_split(path, data.get("split"), self.cfg)
-        load_state(model, data["state_dict"], str(path))
-        return model.to(self.device).eval()
+        state, record = read_weights(path)
+        if record is not None:  # an amc checkpoint says what it was trained as, and on which split
+            if record["spec"] != self.spec:
+                raise UserError(f"holds a {record['spec']['name']} model for {record['spec']['num_classes']} classes, "
+                                f"the config asks for {self.spec['name']} with {self.spec['num_classes']}",
+                                where=str(path))
+            _check_split(path, record.get("split"), self.cfg)
+        load_state(model, state, str(path))
+        return model
+
+    def _pretrained_model(self) -> nn.Module:
+        """``model.weights`` as the base model: they must fit entirely (a fresh classifier is not a trained model)."""
+        from amc.models.pretrained import pretrained_classes, pretrained_model
+
+        m = self.cfg.model
+        model, fresh = pretrained_model(m.name, m.weights, self.data_shape[1], self.data_shape[0], m.kwargs)
+        if fresh:
+            classes = pretrained_classes(m.name, m.weights)
+            raise UserError(f"the {m.weights} weights of {m.name} do not fit {', '.join(fresh[:3])} of the model for "
+                            f"this data (they are for {classes} classes; the data has {self.data_shape[1]} classes and "
+                            f"{self.data_shape[0]} input channels); set model.checkpoint and run "
+                            f"`{self.cfg.command('train')}` to fine-tune them to your data",
+                            where=self.cfg.source, field="model.weights")
+        return model
+
+    def metric(self, model: nn.Module, batches: Iterable) -> float:
+        """What the run maximises on held-out data: top-1 (or top-5) accuracy, or ``evaluate``'s value."""
+        if self.evaluate is None:
+            return fp32_accuracy(model, batches)[self.cfg.search.reward_metric]
+        with torch.no_grad():
+            value = self.evaluate(model.eval(), batches)
+        if not isinstance(value, numbers.Real) and not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise UserError("evaluate(model, loader) must return a float (higher is better), "
+                            f"got {type(value).__name__}")
+        value = float(value)
+        if self.cfg.search.protocol == "accuracy" and value > 1 and math.isfinite(value):
+            raise UserError(f"evaluate returned {value:g}; the accuracy protocol's reward -(1 - metric) * log(FLOPs) "
+                            "needs a metric <= 1 (like an accuracy): rescale it or use protocol: resource",
+                            field="search.protocol")
+        return value
+
+    @property
+    def metric_name(self) -> str:
+        """``top1`` / ``top5``, or ``evaluate`` for a given metric."""
+        return self.cfg.search.reward_metric if self.evaluate is None else "evaluate"
+
+    def split_metrics(self, model: nn.Module, split: str) -> dict[str, float]:
+        """``<split>_top1`` and ``<split>_top5``, or ``<split>_metric`` with a given ``evaluate``."""
+        if self.evaluate is not None:
+            return {f"{split}_metric": self.metric(model, self.loader(split))}
+        acc = fp32_accuracy(model, self.loader(split))
+        return {f"{split}_top1": acc["top1"], f"{split}_top5": acc["top5"]}
+
+    @property
+    def report_splits(self) -> tuple[str, ...]:
+        """The splits a pruned model is measured on: the held-out ones, and test when there is one."""
+        return self.held_out_splits + (("test",) if self.splits.test is not None else ())
 
     @property
     def held_out_splits(self) -> tuple[str, ...]:
@@ -164,11 +287,12 @@ class Workspace:
         """Scores policies of ``model``; its ``repair`` is also the one export applies."""
         s, d = self.cfg.search, self.cfg.data
         device = self.device
-        reward = [(x.to(device), y.to(device)) for x, y in cached_batches(self.splits.reward_val, d.loader_batch_size)]
+        reward = [to_device(batch, device) for batch in cached_batches(self.splits.reward_val, d.loader_batch_size)]
         repair = self.repair(model)
         batch_size = None if d.eval_batch_size == "auto" else d.eval_batch_size
         try:
-            return Scorer(model, reward, repair, s.reward_metric, s.precision, batch_size)
+            return Scorer(model, reward, repair, s.reward_metric, s.precision, batch_size,
+                          evaluate=None if self.evaluate is None else self.metric)
         except UserError as exc:
             raise UserError(str(exc), where=self.cfg.source) from None
 

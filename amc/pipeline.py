@@ -23,14 +23,18 @@ from amc.train import fit
 
 
 def train_base(cfg: Config, epochs: int | None = None, progress: bool = True) -> dict:
-    """Train the base model the config names and write its checkpoint; returns test accuracy."""
+    """Train the base model the config names (from ``model.weights`` when set) and write its checkpoint;
+    returns test accuracy."""
+    if cfg.model.checkpoint is None:
+        raise UserError("required to train: the file `amc train` writes the trained model to",
+                        where=cfg.source, field="model.checkpoint")
     seed_everything(cfg.seed)
     ws = Workspace(cfg)
-    model = ws.new_model().to(ws.device)
+    model = ws.initial_model().to(ws.device)
     t = cfg.train
     started = time.perf_counter()
     fit(model, ws.loader("train", shuffle=True), epochs or t.epochs, t.lr, t.momentum, t.weight_decay,
-        t.label_smoothing, desc="train", progress=progress)
+        t.label_smoothing, desc="train", progress=progress, loss_fn=ws.loss)
     test = accuracy(model, ws.loader("test"))
     metrics = {"test_top1": test["top1"], "test_top5": test["top5"], "epochs": epochs or t.epochs,
                "seconds": time.perf_counter() - started}
@@ -91,7 +95,12 @@ def export_run(run_dir: Path, policy: str = "best", out: Path | None = None, onn
     if overrides:
         cfg = config_from_dict(cfg.to_dict(), cfg.source, overrides)
     seed_everything(cfg.seed)
-    ws = Workspace(cfg)
+    return export_answer(Workspace(cfg), run_dir, policy, out, onnx)
+
+
+def export_answer(ws: Workspace, run_dir: Path, policy: str = "best", out: Path | None = None,
+                  onnx: Path | None = None) -> tuple[Path, dict]:
+    """``export_run`` with the run's workspace already built (the API's holds the user's objects)."""
     chosen = read_policy(run_dir, policy)
     out = out or run_dir / "pruned.pt"
     metrics = export_policy(ws, chosen["keep"], out, onnx)
@@ -113,7 +122,7 @@ def rule_path(pruned: Path, rule: str) -> Path:
 def export_policy(ws: Workspace, keep: list[int], out: Path, onnx: Path | None = None) -> dict:
     """Prune, repair and measure one policy (fp32); write its checkpoint (and ONNX)."""
     model, plan = prune_policy(ws, [int(k) for k in keep])
-    metrics = measure(model, ws, splits=ws.held_out_splits + ("test",))
+    metrics = measure(model, ws, splits=ws.report_splits)
     save_pruned(out, ws.spec, ws.input_shape, model, plan, metrics)
     if onnx:
         export_onnx(model, ws.input_shape, onnx)
@@ -130,18 +139,24 @@ def finetune_model(model: nn.Module, ws: Workspace, kind: str, epochs: int | Non
         masks = {n: (p != 0) for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
     return fit(model, ws.loader("train", shuffle=True), f.epochs if epochs is None else epochs, f.lr, f.momentum,
                f.weight_decay, teacher=ws.base_model if use_distill else None, temperature=f.temperature,
-               distill_weight=f.distill_weight, desc="finetune", progress=progress, masks=masks)
+               distill_weight=f.distill_weight, desc="finetune", progress=progress, masks=masks, loss_fn=ws.loss)
 
 
 def finetune(path: Path, cfg: Config, epochs: int | None = None, distill: bool | None = None,
              out: Path | None = None, progress: bool = True) -> tuple[Path, dict]:
     """Train a pruned checkpoint on the config's data; optionally distil from the base model."""
     seed_everything(cfg.seed)
-    ws = Workspace(cfg)
+    return finetune_file(path, Workspace(cfg), epochs, distill, out, progress)
+
+
+def finetune_file(path: Path, ws: Workspace, epochs: int | None = None, distill: bool | None = None,
+                  out: Path | None = None, progress: bool = True,
+                  splits: tuple[str, ...] = ("reward_val", "test")) -> tuple[Path, dict]:
+    """``finetune`` in a workspace already built; the result is measured on ``splits``."""
     model, data = load_for_config(path, ws, (PRUNED_FORMAT,))
     model.to(ws.device)
     finetune_model(model, ws, data["plan"].get("kind", "channel"), epochs, distill, progress)
-    metrics = measure(model, ws)
+    metrics = measure(model, ws, splits)
     out = out or path.with_name(path.stem + "_ft.pt")
     save_pruned(out, ws.spec, ws.input_shape, model, data["plan"], metrics)
     return out, metrics
@@ -165,7 +180,7 @@ def load_for_config(path: Path, ws: Workspace, formats: tuple[str, ...] = (BASE_
     Without this check a checkpoint evaluated (or fine-tuned) with an unrelated config runs on
     the wrong data and reports a meaningless accuracy.
     """
-    model, data = load_model(path, formats)
+    model, data = load_model(path, formats, ws.new_model() if ws.model is not None else None)
     spec = data["spec"] if data["format"] == BASE_FORMAT else data["arch"]
     shape = tuple(data["input_shape"]) if "input_shape" in data else None  # a base checkpoint stores none
     if spec != ws.spec or shape not in (None, ws.input_shape):
@@ -189,7 +204,7 @@ def run_all(cfg: Config, episodes: int | None = None, progress: bool = True) -> 
     if episodes is not None:
         cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"episodes": episodes})})
     ws = Workspace(cfg)
-    if not ws.checkpoint_path.is_file():
+    if ws.checkpoint_path is not None and not ws.checkpoint_path.is_file():
         print(f"training the base model -> {ws.checkpoint_path}")
         train_base(cfg, progress=progress)
     run_dir = run_dir_for(cfg)
@@ -218,6 +233,7 @@ def answer_note(answer: dict) -> str:
     rules = [c["source"] for c in selection["candidates"] if c["source"] != "search"]
     origin = (f"the search's episode {answer['episode']}" if answer["source"] == "search"
               else f"the {answer['source']} rule (it beat the search's policies)")
+    over_images = "" if noise["bootstrap_se"] is None else f"±{100 * noise['bootstrap_se']:.2f} points over images, "
     return (f"answer: {origin}, best of {searched} searched policies and {len(rules)} rules ({', '.join(rules) or 'none'}) "
-            f"on the {selection['split'].replace('_', '-')} split; reward noise: ±{100 * noise['bootstrap_se']:.2f} points "
-            f"over images, ±{100 * noise['calibration_spread']:.2f} over calibration samples")
+            f"on the {selection['split'].replace('_', '-')} split; reward noise: {over_images}"
+            f"±{100 * noise['calibration_spread']:.2f} over calibration samples")

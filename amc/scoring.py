@@ -1,12 +1,16 @@
 """Score a pruned copy: repair it (``amc.calibration.Repair``: adaptive BN, least squares, both or
 none), then measure its error on the reward-val subset on the fast path (``amc.inference``). All
 data is held in memory, so the same policy always gets the same reward and no data loading
-happens inside an episode."""
+happens inside an episode.
+
+The error is 1 - top-1 (or top-5) accuracy, or 1 - ``evaluate(model, batches)`` for a user's
+metric (higher is better): the resource protocol's reward ``-error`` is then ``metric - 1``.
+A user's metric runs the user's code as written (fp32): the fast path serves top-k accuracy."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -26,11 +30,14 @@ class Scorer:
     def __init__(
         self, original: nn.Module, reward_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
         repair: Repair | None = None, metric: str = "top1", precision: str = "fp32", batch_size: int | None = None,
+        evaluate: Callable[[nn.Module, Sequence], float] | None = None,
     ):
         self.original = original
         self.repair = repair or Repair(original)
         self.metric = metric
-        self.candidates = candidate_precisions(precision, next(original.parameters()).device)
+        self.evaluate = evaluate
+        self.reward_batches = list(reward_batches) if evaluate else None
+        self.candidates = [] if evaluate else candidate_precisions(precision, next(original.parameters()).device)
         images = torch.cat([x for x, _ in reward_batches])
         labels = torch.cat([y for _, y in reward_batches])
         self.fast = FastEval(images, labels, batchnorm_pairs(original), uses_channels_last(original),
@@ -44,7 +51,9 @@ class Scorer:
         self.fast.precision = precision
 
     def error(self, model: nn.Module, inplace: bool = False) -> float:
-        """1 - the reward metric of an already repaired ``model`` on the fast path."""
+        """1 - the reward metric of an already repaired ``model`` (top-k accuracy on the fast path)."""
+        if self.evaluate is not None:
+            return 1.0 - self.evaluate(model, self.reward_batches)
         return 1.0 - self.fast.accuracy(model, inplace)[self.metric]
 
     def __call__(self, pruned: nn.Module, refit_layers: dict | None = None) -> tuple[float, dict[str, float]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from amc.agents import AMCDDPG, rng_state, set_rng_state
 from amc.checkpoint import AGENT_FORMAT, load_checkpoint, save_checkpoint
@@ -113,8 +113,12 @@ def _format(value) -> str:
     return "" if value is None else (repr(float(value)) if isinstance(value, float) else str(value))
 
 
-def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or continue) the search to ``cfg.search.episodes`` episodes; return the best policy."""
+def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
+           workspace: Workspace | None = None) -> dict:
+    """Run (or continue) the search to ``cfg.search.episodes`` episodes; return the best policy.
+
+    ``workspace``: one built from ``cfg`` with objects given from Python (``amc.compress``).
+    """
     config_path, csv_path, agent_path = run_dir / CONFIG_FILE, run_dir / EPISODES_FILE, run_dir / AGENT_FILE
     if agent_path.exists():  # every caller (CLI, `amc run`, benchmarks, the API) passes through here
         old = read_yaml(config_path) if config_path.is_file() else {}
@@ -124,7 +128,7 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
                             "or choose another run directory", where=str(run_dir))
 
     seed_everything(cfg.seed)
-    workspace = Workspace(cfg)
+    workspace = workspace or Workspace(cfg)
     env = workspace.env()  # every input problem (model, data, budget) surfaces here, before any file is written
     check_writable(run_dir)
     check_fidelity(env, run_dir / FIDELITY_FILE)  # reward precision: reduced where it ranks as fp32 does
@@ -223,8 +227,9 @@ def choose_answer(workspace: Workspace, env, run_dir: Path, progress: bool = Tru
                     split, progress)
     noise = reward_noise(workspace, winner.keep, seed=cfg.seed)
     return {"source": winner.source, "episode": winner.episode, "reward": winner.reward,
-            "error": 1.0 - noise["reward_val_top1"], **policy_record(env, winner.keep, cfg),
-            "selection": {"split": split, "candidates": as_records(candidates)}, "noise": noise}
+            "error": noise["reward_val_error"], **policy_record(env, winner.keep, cfg),
+            "selection": {"split": split, "metric": workspace.metric_name, "candidates": as_records(candidates)},
+            "noise": noise}
 
 
 def read_episodes(run_dir: Path) -> list[dict]:

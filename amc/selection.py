@@ -12,6 +12,9 @@ reporting only.
 The run also measures its reward's noise: the bootstrap standard error of the answer's
 reward-val accuracy over images, and the spread of its score when it is repaired with other
 calibration samples. Margins between policies smaller than these are not evidence.
+
+With a user's metric (``amc.compress(evaluate=...)``) the same steps rank by that metric; it
+is one number per split, so there is no bootstrap over images.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from amc.baselines import baseline_policy
 from amc.errors import UserError
@@ -40,7 +43,7 @@ class Candidate:
     keep: list[int]
     episode: int | None = None
     reward: float | None = None  # the search's reward (search candidates only)
-    select_top1: float | None = None
+    select_metric: float | None = None  # top-1 (or top-5) accuracy, or the user's metric, on the selection split
     score: float | None = None  # what selection ranks: the protocol's reward on the selection split
 
 
@@ -72,6 +75,14 @@ def score_on_split(workspace: Workspace, keep: list[int], split: str, seed: int 
     return sample_hits(model, workspace.loader(split), workspace.cfg.search.reward_metric)
 
 
+def metric_on_split(workspace: Workspace, keep: list[int], split: str, seed: int | None = None) -> float:
+    """The run's metric (``Workspace.metric``) of ``keep`` repaired as export repairs it, on ``split`` (fp32)."""
+    if workspace.evaluate is None:
+        return float(score_on_split(workspace, keep, split, seed).mean())
+    model, _ = prune_policy(workspace, keep, calibration_seed=seed)
+    return workspace.metric(model, workspace.loader(split))
+
+
 def select(workspace: Workspace, candidates: list[Candidate], reward_of: Callable[[float, list[int]], float],
            split: str = "select", progress: bool = False) -> Candidate:
     """Score every candidate on ``split``; the best score wins (the earlier candidate on a tie).
@@ -82,20 +93,26 @@ def select(workspace: Workspace, candidates: list[Candidate], reward_of: Callabl
     if not candidates:
         raise UserError("no policy to select from", field="search")
     for c in tqdm(candidates, desc=f"select on {split}", disable=not progress, leave=False):
-        hits = score_on_split(workspace, c.keep, split)
-        c.select_top1 = float(hits.mean())
-        c.score = reward_of(1.0 - c.select_top1, c.keep)
+        c.select_metric = metric_on_split(workspace, c.keep, split)
+        c.score = reward_of(1.0 - c.select_metric, c.keep)
     return max(candidates, key=lambda c: c.score)
 
 
 def reward_noise(workspace: Workspace, keep: list[int], seed: int = 0) -> dict:
     """How much a policy's reward moves by chance: over reward-val images, and over calibration samples."""
+    if workspace.evaluate is not None:
+        value = metric_on_split(workspace, keep, "reward_val")
+        redraws = [metric_on_split(workspace, keep, "reward_val", seed=workspace.cfg.seed + 1000 + i)
+                   for i in range(CALIBRATION_REDRAWS)]
+        return {"reward_val_metric": value, "reward_val_error": 1.0 - value, "bootstrap_se": None,
+                "calibration_metric": redraws, "calibration_spread": float(np.std([value, *redraws], ddof=1))}
     hits = score_on_split(workspace, keep, "reward_val")
     rng = np.random.default_rng(seed)
     boot = hits[rng.integers(0, len(hits), size=(BOOTSTRAP_SAMPLES, len(hits)))].mean(axis=1)
     redraws = [float(score_on_split(workspace, keep, "reward_val", seed=workspace.cfg.seed + 1000 + i).mean())
                for i in range(CALIBRATION_REDRAWS)]
-    return {"reward_val_top1": float(hits.mean()), "bootstrap_se": float(boot.std(ddof=1)),
+    return {"reward_val_top1": float(hits.mean()), "reward_val_error": 1.0 - float(hits.mean()),
+            "bootstrap_se": float(boot.std(ddof=1)),
             "calibration_top1": redraws, "calibration_spread": float(np.std([hits.mean(), *redraws], ddof=1))}
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from tqdm.auto import tqdm
+
+from amc.data import to_device
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -23,10 +27,12 @@ def fit(
     weight_decay: float = 5e-4, label_smoothing: float = 0.0, teacher: nn.Module | None = None,
     temperature: float = 4.0, distill_weight: float = 0.9, desc: str = "train",
     progress: bool = True, masks: dict[str, torch.Tensor] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
 ) -> nn.Module:
     """SGD with a cosine schedule over ``epochs``; with ``teacher``, knowledge distillation.
 
-    The loss is ``(1 - w) * CE + w * KD`` when distilling, plain cross-entropy otherwise.
+    The loss is ``(1 - w) * CE + w * KD`` when distilling, plain cross-entropy otherwise;
+    ``loss_fn(outputs, targets)`` replaces cross-entropy (another task than classification).
     ``masks`` (parameter name -> 0/1 tensor) are re-applied after every step, so weights that
     fine-grained pruning removed stay zero.
     """
@@ -42,9 +48,12 @@ def fit(
     for epoch in range(epochs):
         model.train()
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(device, non_blocking=True), to_device(y, device)
             logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            if loss_fn is None:
+                loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            else:
+                loss = loss_fn(logits, y)
             if teacher is not None:
                 with torch.no_grad():
                     soft = teacher(x)

@@ -29,7 +29,7 @@ from conftest import demo_dict, write_config
 
 def test_the_base_checkpoint_records_its_split(demo_raw) -> None:
     data = torch.load(demo_raw["model"]["checkpoint"], weights_only=True)  # plain data
-    assert data["split"] == {"dataset": "digits", "seed": 0, "reward_val_size": 300}
+    assert data["split"] == {"dataset": "digits", "seed": 0, "reward_val_size": 300, "select_size": 300}
     cfg = config_from_dict(demo_raw)
     assert data["split"] == split_signature(cfg.data, cfg.seed)
 

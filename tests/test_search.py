@@ -54,7 +54,7 @@ def test_the_answer_is_chosen_on_the_selection_split(demo_cfg, tmp_path):
     cfg = demo_cfg.model_copy(update={"search": demo_cfg.search.model_copy(update={"select_top_k": 4})})
     answer = search(cfg, tmp_path / "run", progress=False)
     candidates = answer["selection"]["candidates"]
-    assert answer["selection"]["split"] == "select"
+    assert answer["selection"]["split"] == "select" and answer["selection"]["metric"] == "top1"
     assert [c["source"] for c in candidates] == ["search"] * 4 + ["uniform", "global"]
     assert len({tuple(c["keep"]) for c in candidates if c["source"] == "search"}) == 4
     rewards = [c["reward"] for c in candidates if c["source"] == "search"]
@@ -64,7 +64,7 @@ def test_the_answer_is_chosen_on_the_selection_split(demo_cfg, tmp_path):
     workspace = Workspace(cfg)
     for c in (winner, candidates[-1]):  # recomputed independently: export's repair, fp32, selection split
         model, _ = prune_policy(workspace, c["keep"])
-        assert accuracy(model, workspace.loader("select"))["top1"] == pytest.approx(c["select_top1"])
+        assert accuracy(model, workspace.loader("select"))["top1"] == pytest.approx(c["select_metric"])
     assert answer["macs_ratio"] <= cfg.search.target + 1e-9
     noise = answer["noise"]
     p, n = noise["reward_val_top1"], cfg.data.reward_val_size

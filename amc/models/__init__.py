@@ -6,22 +6,26 @@ A model name is one of
   ``mobilenet_v1``, ``demo_cnn``, ``branchy_cnn`` (see ``ZOO``);
 * ``torchvision:<name>``: any torchvision classification model, always built with
   ``weights=None`` (never downloads); for ``in_channels != 3`` its first ``Conv2d`` is replaced;
+* ``timm:<name>``: any timm model (the optional ``timm`` extra), built without pretrained weights;
 * ``package.module:factory``: an importable callable returning an ``nn.Module``; it gets
   ``num_classes=`` / ``in_channels=`` when its signature accepts them, plus ``kwargs``.
+
+Pretrained weights (``model.weights``) are loaded by ``amc.models.pretrained``.
 
 Every user mistake (unknown name, failing import, bad kwargs) is raised as a one-line ``UserError``.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 from typing import Any, Callable
 
 from torch import nn
 
+from amc.config import OBJECT_PREFIX
 from amc.errors import UserError
+from amc.imports import import_object
 from amc.models.common import check_sizes, init_weights
 from amc.models.mobilenet import mobilenet_v1
 from amc.models.resnet_cifar import plain20, resnet20, resnet32, resnet56
@@ -42,6 +46,7 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
 }
 
 TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"
 
 
 def build_model(name: str, num_classes: int, in_channels: int, kwargs: dict | None = None) -> nn.Module:
@@ -50,11 +55,16 @@ def build_model(name: str, num_classes: int, in_channels: int, kwargs: dict | No
     if not isinstance(name, str) or not name.strip():
         raise UserError(f"model name must be a non-empty string, got {name!r}")
     name = name.strip()
+    if name.startswith(OBJECT_PREFIX):
+        raise UserError(f"{name!r} is a model object given to amc.compress(), which a name cannot rebuild: call "
+                        "amc.compress again (same run_dir), or amc.load_pruned(path, model=YourModel())")
     check_sizes(name, num_classes, in_channels)
     if name in ZOO:
         return _call(name, ZOO[name], {"num_classes": num_classes, "in_channels": in_channels, **kwargs})
     if name.startswith(TORCHVISION_PREFIX):
         return _build_torchvision(name, name[len(TORCHVISION_PREFIX):].strip(), num_classes, in_channels, kwargs)
+    if name.startswith(TIMM_PREFIX):
+        return _build_timm(name, name[len(TIMM_PREFIX):].strip(), num_classes, in_channels, kwargs)
     if ":" in name:
         return _build_from_import_path(name, num_classes, in_channels, kwargs)
     raise UserError(
@@ -165,22 +175,32 @@ def _build_torchvision(name: str, tv_name: str, num_classes: int, in_channels: i
     return model
 
 
-def _build_from_import_path(name: str, num_classes: int, in_channels: int, kwargs: dict) -> nn.Module:
-    module_name, _, attr_path = name.partition(":")
-    module_name, attr_path = module_name.strip(), attr_path.strip()
-    if not module_name or not attr_path:
-        raise UserError(f"model {name!r}: an import path must look like 'package.module:factory'")
+def timm_module():
+    """timm, or a UserError saying how to install it (an optional extra)."""
     try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as e:  # ImportError, or whatever the module raises while importing
-        raise UserError(f"model {name!r}: cannot import module {module_name!r}: {type(e).__name__}: {e}") from e
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as e:
-            raise UserError(f"model {name!r}: module {module_name!r} has no attribute {attr_path!r}") from e
-    if not callable(obj):
-        raise UserError(f"model {name!r}: {attr_path!r} in {module_name!r} is not callable")
+        import timm
+    except ImportError:
+        raise UserError("timm:<name> models need timm: pip install 'amc-search[timm]'") from None
+    return timm
+
+
+def _build_timm(name: str, timm_name: str, num_classes: int, in_channels: int, kwargs: dict) -> nn.Module:
+    timm = timm_module()
+    if not timm.is_model(timm_name):
+        close = timm.list_models(f"*{timm_name}*")[:5]
+        hint = f" (e.g. {', '.join(close)})" if close else ""
+        raise UserError(f"unknown timm model {timm_name!r} in {name!r}; see timm.list_models(){hint}")
+    if "pretrained" in kwargs:
+        raise UserError(f"model {name!r}: kwargs.pretrained is not allowed; set model.weights: DEFAULT")
+
+    def factory(**kw: Any) -> nn.Module:
+        return timm.create_model(timm_name, pretrained=False, **kw)
+
+    return _call(name, factory, {"num_classes": num_classes, "in_chans": in_channels, **kwargs})
+
+
+def _build_from_import_path(name: str, num_classes: int, in_channels: int, kwargs: dict) -> nn.Module:
+    obj = import_object(name, f"model {name!r}")
     call_kwargs = dict(kwargs)
     try:
         params = inspect.signature(obj).parameters
