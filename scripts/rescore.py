@@ -3,7 +3,7 @@
 The search keeps the policy with the best reward on the reward-val subset. With a small subset
 and many episodes, part of the winner's margin is the luck of that subset (selection bias).
 This takes the top-K distinct policies of a run and the uniform policy at the same budget,
-exports each as `amc export` does (least squares + BN re-estimation), measures reward-val and
+exports each as `amc export` does (the search's own repair), measures reward-val and
 test top-1 and prints them with the Spearman rank correlation of the two.
 
     python scripts/rescore.py runs/resnet20_fmnist --top 10
