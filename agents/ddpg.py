@@ -1,4 +1,4 @@
-"""The AMC agent: stable-baselines3's DDPG with AMC's exploration, learning rates and buffer.
+"""The AMC agent: stable-baselines3's DDPG (or TD3) with AMC's exploration, learning rates and buffer.
 
 What differs from plain SB3 DDPG, and where it lives:
 - warmup episodes of uniform random actions, then the actor's output with truncated-normal
@@ -15,7 +15,7 @@ import random
 
 import numpy as np
 import torch
-from stable_baselines3 import DDPG
+from stable_baselines3 import TD3
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.utils import update_learning_rate
 
@@ -24,12 +24,13 @@ from amc.agents.noise import TruncatedNormalNoise
 from amc.config import AgentConfig
 
 
-class AMCDDPG(DDPG):
+class AMCDDPG(TD3):
     def __init__(self, env, cfg: AgentConfig, steps_per_episode: int, seed: int = 0, device: str = "cpu"):
         self.cfg = cfg
         self.steps_per_episode = steps_per_episode
         noise = TruncatedNormalNoise(cfg.noise_sigma, cfg.noise_decay, cfg.warmup_episodes,
                                      float(env.action_space.low[0]), float(env.action_space.high[0]), seed=seed)
+        td3 = cfg.algorithm == "td3"
         super().__init__(
             "MlpPolicy", env,
             learning_rate=cfg.actor_lr,
@@ -40,8 +41,14 @@ class AMCDDPG(DDPG):
             action_noise=noise,
             replay_buffer_class=EpisodeRewardBuffer,
             replay_buffer_kwargs={"baseline_alpha": cfg.baseline_alpha},
-            policy_kwargs={"net_arch": list(cfg.hidden)},
+            policy_kwargs={"net_arch": list(cfg.hidden), "n_critics": 2 if td3 else 1},
             seed=seed, device=device,
+            # DDPG is TD3 without its three changes (SB3 builds its DDPG the same way); TD3 adds
+            # twin critics, a delayed actor update and target-policy smoothing against the critic's
+            # over-estimation of noisy rewards.
+            policy_delay=2 if td3 else 1,
+            target_policy_noise=0.2 if td3 else 0.1,
+            target_noise_clip=0.5 if td3 else 0.0,
         )
         self.set_logger(Logger(folder=None, output_formats=[]))  # SB3's configure() would leave an SB3-* temp dir
         self._update_learning_rate([self.actor.optimizer, self.critic.optimizer])

@@ -170,6 +170,8 @@ class SearchConfig(Section):
 
 class AgentConfig(Section):
     seed: int | None = Field(None, description="seed of the agent and its exploration (default: the top-level seed)")
+    algorithm: Literal["ddpg", "td3"] = Field("ddpg", description=(
+        "ddpg: AMC's agent; td3: twin critics, delayed actor updates, target smoothing"))
     hidden: list[int] = Field(default_factory=lambda: [300, 300], min_length=1)
     actor_lr: float = Field(1e-4, gt=0)
     critic_lr: float = Field(1e-3, gt=0)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from gymnasium import spaces
 
 from amc.agents import AMCDDPG, EpisodeRewardBuffer, TruncatedNormalNoise
 from amc.baselines import uniform_policy
 from amc.config import AgentConfig
+from amc.envs import run_episode
 from amc.factory import Workspace
 from amc.search import search
 
@@ -59,6 +61,20 @@ def test_actor_and_critic_keep_their_own_learning_rates(demo_cfg):
     assert agent.actor.optimizer.param_groups[0]["lr"] == 1e-4
     assert agent.critic.optimizer.param_groups[0]["lr"] == 1e-3
     assert agent._n_updates == env.num_units
+
+
+@pytest.mark.parametrize("algorithm, critics, delay", [("ddpg", 1, 1), ("td3", 2, 2)])
+def test_ddpg_or_td3(demo_cfg, algorithm, critics, delay):
+    env = Workspace(demo_cfg).env()
+    agent = AMCDDPG(env, AgentConfig(algorithm=algorithm, warmup_episodes=1, batch_size=4), env.num_units, seed=0)
+    assert len(agent.critic.q_networks) == critics and agent.policy_delay == delay
+    assert (agent.target_noise_clip > 0) == (algorithm == "td3")  # DDPG: no target smoothing
+    actor_before = [p.detach().clone() for p in agent.actor.parameters()]
+    for _ in range(2):
+        for transition in run_episode(env, lambda obs: agent.act(obs, warmup=True)).transitions:
+            agent.store(*transition)
+    agent.learn_episode()
+    assert any(not torch.equal(a, b) for a, b in zip(actor_before, agent.actor.parameters()))
 
 
 def test_sb3_learn_explores_the_amc_way(demo_cfg):
