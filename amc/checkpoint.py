@@ -4,7 +4,9 @@ Every checkpoint is a dict of plain data (strings, numbers, lists, tensors) with
 name and a ``version``; nothing needs pickled classes, so ``torch.load(weights_only=True)``
 reads all of them. A pruned checkpoint holds the original architecture spec and the pruning
 plan: the loader rebuilds the original model, replays the plan structurally, then loads the
-weights.
+weights. A quantized plan (``quantize``, ``joint``) also names the folded BatchNorms and each
+layer's bit widths; its weights are stored as packed integer codes with their scales and are
+dequantized on load (``amc.quantization``).
 """
 
 from __future__ import annotations
@@ -63,6 +65,21 @@ def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str
         raise UserError(f"weights do not fit the model: {' '.join(first[:2])[:200]}", where=where) from None
 
 
+def replay_quant_plan(model: nn.Module, plan: dict, where: str) -> None:
+    """Fold and swap in the quantized layers a plan names; a plan that does not fit is the file's fault."""
+    from amc.quantization import apply_quant_plan
+
+    modules = dict(model.named_modules())
+    names = [n for pair in plan.get("folded", []) for n in pair] + list(plan.get("bits", {}))
+    unknown = [n for n in names if n not in modules]
+    bad = [n for n, b in plan.get("bits", {}).items() if len(b) != 2 or not all(2 <= v <= 8 or v == 32 for v in b)]
+    if unknown or bad or "bits" not in plan:
+        problem = f"names layers the architecture does not have: {unknown[:3]}" if unknown else \
+            f"has impossible bit widths for {bad[:3]}" if bad else "has no bit widths"
+        raise UserError(f"quantization plan {problem}", where=where)
+    apply_quant_plan(model, plan)
+
+
 def load_pruned(path: str | Path) -> nn.Module:
     """Rebuild a pruned model from its checkpoint alone: architecture, plan replay, weights."""
     return load_model(path, (PRUNED_FORMAT,))[0]
@@ -76,12 +93,14 @@ def load_model(path: str | Path, formats: tuple[str, ...] = (BASE_FORMAT, PRUNED
     else:
         model = build_from_spec(data["arch"])
         plan = data["plan"]
-        if plan.get("kind") == "channel":
+        if plan.get("kind") in ("channel", "joint"):
             graph = find_units(model, tuple(data["input_shape"]), bool(plan.get("prune_residual", False)))
             unknown = set(plan["channels"]) - {u.name for u in graph.units}
             if unknown:
                 raise UserError(f"plan names units the architecture does not have: {sorted(unknown)[:3]}",
                                 where=str(path))
             apply_channel_plan(model, graph, plan["channels"], inplace=True)
+        if plan.get("kind") in ("quantize", "joint"):
+            replay_quant_plan(model, plan, str(path))
     load_state(model, data["state_dict"], str(path))
     return model.eval(), {k: v for k, v in data.items() if k != "state_dict"}

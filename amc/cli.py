@@ -52,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", type=Path)
     c.add_argument("--config", required=True)
 
-    c = with_config("baseline", "prune by a rule (uniform, random, global) through the same export path")
-    c.add_argument("--method", required=True, choices=["uniform", "random", "global", "deep", "shallow"])
+    c = with_config("baseline", "prune or quantize by a rule through the same export path")
+    c.add_argument("--method", required=True, choices=["uniform", "random", "global", "deep", "shallow", "sensitivity"])
     c.add_argument("--out", type=Path)
     return p
 

@@ -13,14 +13,18 @@ from amc.checkpoint import PRUNED_FORMAT, save_checkpoint
 from amc.errors import UserError
 from amc.factory import Workspace, cached_batches
 from amc.metrics import accuracy, count_macs, count_nonzero_params, count_params, measure_latency
+from amc.quantization import storage_and_bitops
 
 
 def measure(model: nn.Module, workspace: Workspace, splits: tuple[str, ...] = ("reward_val", "test")) -> dict:
-    """MACs, parameters (all and non-zero), latency and top-1 / top-5 on the named splits."""
+    """MACs, parameters (all and non-zero), weight storage, BitOPs, latency and top-1 / top-5 on the named splits."""
     lat = workspace.cfg.latency
     model = model.to(workspace.device).eval()
+    weight_bytes, bitops = storage_and_bitops(model, workspace.input_shape)
     out = {
         "macs": count_macs(model, workspace.input_shape),
+        "weight_bytes": weight_bytes,
+        "bitops": bitops,
         "params": count_params(model),
         "nonzero_params": count_nonzero_params(model),
         "latency_ms": measure_latency(model, workspace.input_shape, lat.batch_size, lat.threads, lat.warmup, lat.repeats),
@@ -62,7 +66,7 @@ def save_pruned(path: str | Path, spec: dict, input_shape: tuple[int, ...], mode
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model).cpu().eval()
+    model = copy.deepcopy(model).cpu().eval().requires_grad_(False)  # fake-quant ops trace only without autograd
     batch = torch.export.Dim("batch", min=1, max=4096)
     torch.onnx.export(model, (torch.zeros(input_shape),), str(path), input_names=["input"], output_names=["logits"],
                       dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,12 @@ class Workspace:
         model.to(self.device)
         if s.mode == "fine_grained":
             return FineGrainedSpace(model, graph)
+        if s.mode in ("quantize", "joint"):
+            from amc.quant_spaces import MixedPrecisionSpace
+
+            channels = ChannelSpace(model, graph, "flops", s.round_to) if s.mode == "joint" else None
+            return MixedPrecisionSpace(model, graph, s.resource, s.min_bits, s.max_bits, s.quantize_activations,
+                                       self.reconstruction_images, channels, self.repair(model) if channels else None)
         latency = None
         if s.resource == "latency":
             from amc.latency import LatencyModel
@@ -132,6 +139,11 @@ class Workspace:
         if s.calibration in ("lsq", "both"):
             recon = self.reconstruction_images()
         return Scorer(model, reward, calib, recon, s.calibration, s.reward_metric, self.cfg.seed)
+
+    def repair(self, model: nn.Module) -> Callable[[nn.Module, dict], None]:
+        """Repair a pruned copy of ``model`` in place as scoring does (``search.calibration``); built on first use."""
+        scorer = cache(lambda: self.scorer(model))
+        return lambda pruned, refit_layers: scorer().calibrate(pruned, refit_layers, {})
 
     def reconstruction_images(self) -> torch.Tensor:
         """A fixed sample of training images (never reward-val) for least-squares fits."""

@@ -14,6 +14,7 @@ from amc.errors import UserError
 from amc.export import export_onnx, measure, prune_policy, save_pruned
 from amc.factory import Workspace, seed_everything
 from amc.metrics import accuracy
+from amc.quantization import refold_batchnorm, unfold_batchnorm
 from amc.report import human, plot_episodes, plot_policy, summary_table, table
 from amc.search import BEST_FILE, load_run_config, read_episodes, search
 from amc.train import fit
@@ -88,17 +89,29 @@ def export_run(run_dir: Path, policy: str = "best", out: Path | None = None, onn
     return out, metrics
 
 
-def finetune_model(model: nn.Module, ws: Workspace, kind: str, epochs: int | None = None,
+def finetune_model(model: nn.Module, ws: Workspace, plan: dict, epochs: int | None = None,
                    distill: bool | None = None, progress: bool = True) -> nn.Module:
-    """Fine-tune a pruned model in place as the config says; fine-grained zeros stay zero."""
+    """Fine-tune a pruned model in place as the config says; fine-grained zeros stay zero.
+
+    A quantized model (``plan["kind"]`` quantize or joint) trains quantization-aware: bit widths,
+    scales and shapes stay, weights learn through the straight-through estimator, with its
+    BatchNorms unfolded for training and folded back after.
+    """
     f = ws.cfg.finetune
     use_distill = f.distill if distill is None else distill
+    kind = plan.get("kind", "channel")
     masks = None
     if kind == "fine_grained":
         masks = {n: (p != 0) for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
-    return fit(model, ws.loader("train", shuffle=True), f.epochs if epochs is None else epochs, f.lr, f.momentum,
-               f.weight_decay, teacher=ws.base_model if use_distill else None, temperature=f.temperature,
-               distill_weight=f.distill_weight, desc="finetune", progress=progress, masks=masks)
+    folded = plan.get("folded", []) if kind in ("quantize", "joint") else []
+    if folded:
+        unfold_batchnorm(model, folded, ws.reconstruction_images())
+    fit(model, ws.loader("train", shuffle=True), f.epochs if epochs is None else epochs, f.lr, f.momentum,
+        f.weight_decay, teacher=ws.base_model if use_distill else None, temperature=f.temperature,
+        distill_weight=f.distill_weight, desc="finetune", progress=progress, masks=masks)
+    if folded:
+        refold_batchnorm(model, folded)
+    return model.eval()
 
 
 def finetune(path: Path, cfg: Config, epochs: int | None = None, distill: bool | None = None,
@@ -108,7 +121,7 @@ def finetune(path: Path, cfg: Config, epochs: int | None = None, distill: bool |
     ws = Workspace(cfg)
     model, data = load_model(path, (PRUNED_FORMAT,))
     model.to(ws.device)
-    finetune_model(model, ws, data["plan"].get("kind", "channel"), epochs, distill, progress)
+    finetune_model(model, ws, data["plan"], epochs, distill, progress)
     metrics = measure(model, ws)
     out = out or path.with_name(path.stem + "_ft.pt")
     save_pruned(out, ws.spec, ws.input_shape, model, data["plan"], metrics)

@@ -74,7 +74,7 @@ def evaluate(cfg, keep: list[int], workspace: Workspace, epochs: int) -> dict:
     after = before["test_top1"]
     if epochs:  # fine-tuning changes weights, not shape: only accuracy needs measuring again
         seed_everything(cfg.agent.seed)
-        finetune_model(model, workspace, plan["kind"], epochs, progress=False)
+        finetune_model(model, workspace, plan, epochs, progress=False)
         after = accuracy(model, workspace.loader("test"))["top1"]
     return {"macs": before["macs"], "params": before["params"], "nonzero_params": before["nonzero_params"],
             "latency_ms": before["latency_ms"], "reward_val_top1_before_ft": before["reward_val_top1"],
