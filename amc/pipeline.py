@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from amc.checkpoint import BASE_FORMAT, PRUNED_FORMAT, load_model, save_checkpoint
@@ -103,10 +105,12 @@ def finetune_model(model: nn.Module, ws: Workspace, plan: dict, epochs: int | No
     masks = None
     if kind == "fine_grained":
         masks = {n: (p != 0) for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
+    loader = ws.loader("train", shuffle=True)
     folded = plan.get("folded", []) if kind in ("quantize", "joint") else []
-    if folded:
-        unfold_batchnorm(model, folded, ws.reconstruction_images())
-    fit(model, ws.loader("train", shuffle=True), f.epochs if epochs is None else epochs, f.lr, f.momentum,
+    if folded:  # statistics of the batches training will see (augmented), so training starts where the model is
+        batches = itertools.islice(loader, max(ws.cfg.search.calib_batches, 1))
+        unfold_batchnorm(model, folded, torch.cat([x for x, _ in batches]).to(ws.device))
+    fit(model, loader, f.epochs if epochs is None else epochs, f.lr, f.momentum,
         f.weight_decay, teacher=ws.base_model if use_distill else None, temperature=f.temperature,
         distill_weight=f.distill_weight, desc="finetune", progress=progress, masks=masks)
     if folded:
@@ -150,4 +154,5 @@ def run_all(cfg: Config, episodes: int | None = None, progress: bool = True) -> 
     tuned_path, tuned = finetune(pruned_path, cfg, progress=progress)
     original = measure(ws.base_model, ws)
     print(f"pruned checkpoint: {pruned_path}\nfine-tuned checkpoint: {tuned_path}")
-    return summary_table({"original": original, "pruned": pruned, "fine-tuned": tuned})
+    return summary_table({"original": original, "pruned": pruned, "fine-tuned": tuned},
+                         quantized=cfg.search.mode in ("quantize", "joint"))

@@ -267,7 +267,8 @@ def unfold_batchnorm(model: nn.Module, pairs: Iterable[Sequence[str]], images: t
     pairs = [tuple(pair) for pair in pairs]
     outputs: dict[str, torch.Tensor] = {}
     hooks = [model.get_submodule(layer).register_forward_hook(
-        lambda module, inputs, output, name=layer: outputs.__setitem__(name, output)) for layer, _ in pairs]
+        lambda module, inputs, output, name=layer: outputs.__setitem__(name, output.clone()))  # before in-place ReLUs
+        for layer, _ in pairs]
     try:
         model.eval()(images)
     finally:

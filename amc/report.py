@@ -30,10 +30,13 @@ def human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def summary_table(columns: dict[str, dict], markdown: bool = False) -> str:
-    """Rows: MACs, params, latency, top-1 per column (e.g. original / pruned / fine-tuned)."""
-    fields = [("MACs", "macs", human), ("params", "params", human), ("non-zero params", "nonzero_params", human),
-              ("latency (ms)", "latency_ms", lambda v: f"{v:.2f}"),
+def summary_table(columns: dict[str, dict], markdown: bool = False, quantized: bool = False) -> str:
+    """Rows: MACs, params, latency, top-1 per column (e.g. original / pruned / fine-tuned);
+    with ``quantized``, also the weight storage and BitOPs."""
+    fields = [("MACs", "macs", human), ("params", "params", human), ("non-zero params", "nonzero_params", human)]
+    if quantized:
+        fields += [("weight bytes", "weight_bytes", human), ("BitOPs", "bitops", human)]
+    fields += [("latency (ms)", "latency_ms", lambda v: f"{v:.2f}"),
               ("reward-val top-1", "reward_val_top1", lambda v: f"{100 * v:.2f}%"),
               ("test top-1", "test_top1", lambda v: f"{100 * v:.2f}%")]
     rows = [[label] + [fmt(m[key]) if key in m else "-" for m in columns.values()] for label, key, fmt in fields]
@@ -45,18 +48,20 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def plot_policy(best: dict, path: Path) -> None:
-    """Preserve ratio per unit of the best policy (the paper's per-layer figure)."""
+    """Preserve ratio (bit width, quantize mode) per unit of the best policy (the paper's per-layer figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ratios = best["ratios"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(ratios)), 3.5))
-    ax.bar(range(len(ratios)), ratios, color="#3b75af")
-    ax.set_ylim(0, 1.05)
+    mode = best.get("mode", "channel")
+    values = best["keep"] if mode == "quantize" else best["ratios"]
+    label = {"quantize": "bit width", "joint": "preserve ratio (bits / 32 for bit widths)"}.get(mode, "preserve ratio")
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(values)), 3.5))
+    ax.bar(range(len(values)), values, color="#3b75af")
+    ax.set_ylim(0, max(values) + 0.5 if mode == "quantize" else 1.05)
     ax.set_xlabel("unit (forward order)")
-    ax.set_ylabel("preserve ratio")
+    ax.set_ylabel(label)
     ax.set_title(f"best policy: episode {best['episode']}, error {best['error']:.3f}, "
                  f"cost {best['cost_ratio']:.3f} of the original")
     _save_figure(fig, path)

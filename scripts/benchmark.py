@@ -36,6 +36,7 @@ from amc.search import read_episodes, search
 
 METHODS = ("amc", "uniform", "random", "global")
 HANDCRAFTED = ("deep", "shallow")
+BIT_RULES = ("sensitivity",)  # quantize mode (uniform is the uniform bit width there)
 
 
 def configure(args, target: float, seed: int, out: Path):
@@ -77,6 +78,7 @@ def evaluate(cfg, keep: list[int], workspace: Workspace, epochs: int) -> dict:
         finetune_model(model, workspace, plan, epochs, progress=False)
         after = accuracy(model, workspace.loader("test"))["top1"]
     return {"macs": before["macs"], "params": before["params"], "nonzero_params": before["nonzero_params"],
+            "weight_bytes": before["weight_bytes"], "bitops": before["bitops"],
             "latency_ms": before["latency_ms"], "reward_val_top1_before_ft": before["reward_val_top1"],
             "test_top1_before_ft": before["test_top1"], "test_top1_after_ft": after}
 
@@ -109,15 +111,17 @@ def summarize(records: list[dict]) -> str:
         return f"{mean} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
 
     rows = []
-    for (target, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], (METHODS + HANDCRAFTED).index(kv[0][1]))):
+    order = METHODS + HANDCRAFTED + BIT_RULES
+    for (target, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], order.index(kv[0][1]))):
         rows.append([method, f"{target:.4g}", f"{statistics.mean(r['macs'] for r in rs) / 1e6:.2f}M",
                      f"{statistics.mean(r.get('nonzero_params', r['params']) for r in rs) / 1e3:.1f}K",
+                     stat(rs, "weight_bytes", 1e-3, 1), stat(rs, "bitops", 1e-9, 3),
                      stat(rs, "latency_ms"), stat(rs, "reward_val_top1_before_ft", 100),
                      stat(rs, "test_top1_before_ft", 100),
                      stat([r for r in rs if r["finetune_epochs"]], "test_top1_after_ft", 100),
                      stat(rs, "search_seconds", digits=0), len(rs)])
-    return table(["method", "target", "MACs", "non-zero params", "latency (ms)", "reward-val top-1 before FT (%)",
-                  "test top-1 before FT (%)", "test top-1 after FT (%)", "search (s)", "seeds"], rows, markdown=True)
+    return table(["method", "target", "MACs", "non-zero params", "weights (KB)", "BitOPs (G)", "latency (ms)",
+                  "reward-val top-1 before FT (%)", "test top-1 before FT (%)", "test top-1 after FT (%)", "search (s)", "seeds"], rows, markdown=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--targets", type=float, nargs="+", default=[0.5])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + HANDCRAFTED)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + HANDCRAFTED + BIT_RULES)
     p.add_argument("--episodes", type=int, help="search episodes (AMC and random search alike)")
     p.add_argument("--finetune-epochs", type=int, help="default: the config's finetune.epochs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
