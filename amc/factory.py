@@ -121,7 +121,8 @@ class Workspace:
 
             channels = ChannelSpace(model, graph, "flops", s.round_to) if s.mode == "joint" else None
             return MixedPrecisionSpace(model, graph, s.resource, s.min_bits, s.max_bits, s.quantize_activations,
-                                       self.reconstruction_images, channels, self.repair(model) if channels else None)
+                                       self.reconstruction_images, channels,
+                                       self.repair(model) if channels is not None else None)
         latency = None
         if s.resource == "latency":
             from amc.latency import LatencyModel

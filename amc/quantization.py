@@ -58,7 +58,7 @@ def unpack_codes(data: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() != packed_bytes(count, bits):
         raise ValueError(f"expected {packed_bytes(count, bits)} packed bytes for {count} {bits}-bit codes, "
                          f"got a {data.dtype} tensor of shape {tuple(data.shape)}")
-    flat = np.unpackbits(data.numpy(), bitorder="little")[:count * bits].reshape(count, bits).astype(np.int64)
+    flat = np.unpackbits(data.cpu().numpy(), bitorder="little")[:count * bits].reshape(count, bits).astype(np.int64)
     return torch.from_numpy(flat @ (1 << np.arange(bits, dtype=np.int64)))
 
 
@@ -170,7 +170,7 @@ class QuantLayer:
                 error_msgs.append(f"{key}: {exc}")
                 return
             codes = (codes - weight_qmax(self.w_bits)).reshape(self.weight.shape)
-            state_dict[prefix + "weight"] = codes.to(scale.dtype) * scale.view(-1, *[1] * (self.weight.dim() - 1))
+            state_dict[prefix + "weight"] = codes.to(scale) * scale.view(-1, *[1] * (self.weight.dim() - 1))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -213,7 +213,8 @@ def batchnorm_pairs(model: nn.Module, input_shape: tuple[int, ...]) -> list[tupl
     graph, so a layer whose output also feeds an add or a concat is left alone.
     """
     names = {module: name for name, module in model.named_modules()}
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(input_shape))
+    example = torch.zeros(input_shape, device=next(model.parameters()).device)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     pairs = []
     for module, name in names.items():
         kinds = {nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}.get(type(module))
