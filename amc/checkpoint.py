@@ -22,6 +22,7 @@ from amc.files import atomic_write
 from amc.graph import find_units
 from amc.models import build_from_spec
 from amc.pruning import apply_channel_plan
+from amc.quantization import apply_quant_plan
 
 BASE_FORMAT = "amc-base"
 PRUNED_FORMAT = "amc-pruned"
@@ -67,16 +68,15 @@ def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str
 
 def replay_quant_plan(model: nn.Module, plan: dict, where: str) -> None:
     """Fold and swap in the quantized layers a plan names; a plan that does not fit is the file's fault."""
-    from amc.quantization import apply_quant_plan
-
     modules = dict(model.named_modules())
-    names = [n for pair in plan.get("folded", []) for n in pair] + list(plan.get("bits", {}))
-    unknown = [n for n in names if n not in modules]
-    bad = [n for n, b in plan.get("bits", {}).items() if len(b) != 2 or not all(2 <= v <= 8 or v == 32 for v in b)]
-    if unknown or bad or "bits" not in plan:
-        problem = f"names layers the architecture does not have: {unknown[:3]}" if unknown else \
-            f"has impossible bit widths for {bad[:3]}" if bad else "has no bit widths"
-        raise UserError(f"quantization plan {problem}", where=where)
+    bits = plan.get("bits", {})
+    unknown = [n for n in [n for pair in plan.get("folded", []) for n in pair] + list(bits) if n not in modules]
+    bad = [n for n, b in bits.items()
+           if not isinstance(b, (list, tuple)) or len(b) != 2 or not all(2 <= v <= 8 or v == 32 for v in b)]
+    if unknown:
+        raise UserError(f"quantization plan names layers the architecture does not have: {unknown[:3]}", where=where)
+    if bad or not bits:
+        raise UserError(f"quantization plan has impossible bit widths for {bad[:3] or 'every layer'}", where=where)
     apply_quant_plan(model, plan)
 
 
