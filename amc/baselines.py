@@ -8,6 +8,9 @@ through the same reconstruction, calibration and measurement path.
   until the budget is met, no unit below lbound;
 - deep / shallow: the AMC paper's handcrafted plain-net policies, preserve ratio falling
   linearly with depth (deep: prune deep layers more) or rising with it (shallow).
+
+Bit-width spaces (quantize, joint) have their own rules, uniform and sensitivity
+(``amc.quant_baselines``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from amc.budget import largest_feasible
 from amc.envs import run_episode
 from amc.factory import Workspace, seed_everything
 from amc.pruning import keep_count
+from amc.quant_baselines import sensitivity_policy, uniform_bits_policy
+from amc.quant_spaces import QUANT_MODES
 
 
 def _largest_feasible(policy: Callable[[float], list[int]], cost: Callable[[list[int]], float], budget: float) -> list[int]:
@@ -83,6 +88,10 @@ def baseline_policy(cfg: Config, method: str, workspace: Workspace) -> list[int]
         raise UserError(f"the {method} baseline needs a budget: set search.protocol: resource", field="search.protocol")
     space = workspace.base_space
     budget = s.target * space.cost(space.sizes)
+    if method == "sensitivity" and space.kind != "quantize":
+        raise UserError("the sensitivity baseline sets bit widths only: use search.mode: quantize", field="search.mode")
+    if space.kind in QUANT_MODES:
+        return quant_policy(method, workspace, space, budget)
     if method == "uniform":
         return uniform_policy(space.sizes, space.round_to, space.cost, budget, s.lbound)
     if method in ("deep", "shallow"):
@@ -90,6 +99,18 @@ def baseline_policy(cfg: Config, method: str, workspace: Workspace) -> list[int]
     if space.kind != "channel":
         raise UserError("the global baseline ranks channels: use search.mode: channel", field="search.mode")
     return global_policy(space.graph.units, space.round_to, space.cost, budget, s.lbound)
+
+
+def quant_policy(method: str, workspace: Workspace, space, budget: float) -> list[int]:
+    s = workspace.cfg.search
+    choices = space.choices(s.lbound, s.rbound)
+    if method == "uniform":
+        return uniform_bits_policy(choices, space.cost, budget)
+    if method == "sensitivity":
+        env = workspace.env()
+        return sensitivity_policy(choices, space.cost, budget, lambda keep: env.evaluate(keep)[1]["error"], space.sizes)
+    raise UserError(f"the {method} baseline sets channels: in {space.kind} mode use uniform, sensitivity or random",
+                    field="search.mode")
 
 
 def run_baseline(cfg: Config, method: str, out: Path | None = None) -> tuple[Path, dict]:

@@ -1,9 +1,9 @@
 """Budget clipping and filling for the resource-constrained protocol.
 
 Clipping: before unit t is pruned, every later unit is assumed cut to its smallest keep count
-and every earlier unit keeps what it chose; unit t may keep at most the largest count that
-still meets the target. Costs are monotone in each keep count, so a bisection over the allowed
-counts finds it exactly, and every episode ends at or under the target.
+(or bit width) and every earlier unit keeps what it chose; unit t may keep at most the largest
+allowed value that still meets the target. Costs are monotone in each value, so a bisection
+over the allowed values finds it exactly, and every episode ends at or under the target.
 
 Filling: clipping only caps a policy, so an agent that cuts too much early ends under budget
 and is scored on a smaller network than the budget allows (seen on ResNet-20: 46% of the FLOPs
@@ -28,14 +28,13 @@ def allowed_counts(size: int, step: int) -> np.ndarray:
 
 def max_keep(
     cost: Callable[[Sequence[int]], float], chosen: Sequence[int], floor: Sequence[int],
-    size: int, step: int, budget: float,
+    counts: np.ndarray, budget: float,
 ) -> int:
-    """Largest allowed count for the next unit with ``chosen`` before it and ``floor`` after it.
+    """Largest of the ascending allowed ``counts`` for the next unit with ``chosen`` before it and ``floor`` after it.
 
     Returns 0 when even the smallest allowed count breaks the budget (only possible when the
     budget is infeasible from the start, which the environment rejects up front).
     """
-    counts = allowed_counts(size, step)
     low, high = 0, len(counts)  # counts[:low] are known to fit
     while low < high:
         mid = (low + high) // 2
@@ -63,12 +62,17 @@ def largest_feasible(
 
 
 def fill_budget(
-    keep: Sequence[int], sizes: Sequence[int], ceiling: Sequence[int], step: int,
+    keep: Sequence[int], sizes: Sequence[int], ceiling: Sequence[int], step: int | Sequence[int],
     cost: Callable[[Sequence[int]], float], budget: float,
 ) -> list[int]:
-    """Grow every unit by one shared fraction of its headroom (up to ``ceiling``) while the policy fits."""
+    """Grow every unit by one shared fraction of its headroom (up to ``ceiling``) while the policy fits.
+
+    ``step``: the rounding step of every unit, or one per unit (joint pruning + bit widths).
+    """
+    steps = [step] * len(keep) if isinstance(step, int) else list(step)
+
     def grown(fraction: float) -> list[int]:
-        return [min(c, max(k, keep_count((k + fraction * (c - k)) / s, s, step)))
-                for k, s, c in zip(keep, sizes, ceiling)]
+        return [min(c, max(k, keep_count((k + fraction * (c - k)) / s, s, q)))
+                for k, s, c, q in zip(keep, sizes, ceiling, steps)]
 
     return largest_feasible(grown, cost, budget) if cost(keep) <= budget else list(keep)

@@ -9,6 +9,9 @@ replays the plan structurally, then loads the weights.
 A base model's weights may also be the files users already have (``read_weights``): a plain
 state_dict saved with ``torch.save`` (the ``module.`` prefix of DataParallel and the
 ``_orig_mod.`` prefix of ``torch.compile`` removed) or a ``.safetensors`` file.
+A quantized plan (``quantize``, ``joint``) also names the folded BatchNorms and each layer's
+bit widths; its weights are stored as packed integer codes with their scales and are
+dequantized on load (``amc.quantization``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from amc.files import atomic_write
 from amc.graph import find_units
 from amc.models import build_from_spec
 from amc.pruning import apply_channel_plan
+from amc.quantization import apply_quant_plan
 
 BASE_FORMAT = "amc-base"
 PRUNED_FORMAT = "amc-pruned"
@@ -83,6 +87,20 @@ def _unreadable_reason(exc: Exception) -> str:
 
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+
+
+def replay_quant_plan(model: nn.Module, plan: dict, where: str) -> None:
+    """Fold and swap in the quantized layers a plan names; a plan that does not fit is the file's fault."""
+    modules = dict(model.named_modules())
+    bits = plan.get("bits", {})
+    unknown = [n for n in [n for pair in plan.get("folded", []) for n in pair] + list(bits) if n not in modules]
+    bad = [n for n, b in bits.items()
+           if not isinstance(b, (list, tuple)) or len(b) != 2 or not all(2 <= v <= 8 or v == 32 for v in b)]
+    if unknown:
+        raise UserError(f"quantization plan names layers the architecture does not have: {unknown[:3]}", where=where)
+    if bad or not bits:
+        raise UserError(f"quantization plan has impossible bit widths for {bad[:3] or 'every layer'}", where=where)
+    apply_quant_plan(model, plan)
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -179,13 +197,15 @@ def load_model(path: str | Path, formats: tuple[str, ...] = (BASE_FORMAT, PRUNED
     model = build_from_spec(spec) if model is None else _check_instance(model, spec, path)
     if data["format"] == PRUNED_FORMAT:
         plan = data["plan"]
-        if plan.get("kind") == "channel":
+        if plan.get("kind") in ("channel", "joint"):
             graph = find_units(model, tuple(data["input_shape"]), bool(plan.get("prune_residual", False)))
             unknown = set(plan["channels"]) - {u.name for u in graph.units}
             if unknown:
                 raise UserError(f"plan names units the architecture does not have: {sorted(unknown)[:3]}",
                                 where=str(path))
             apply_channel_plan(model, graph, plan["channels"], inplace=True)
+        if plan.get("kind") in ("quantize", "joint"):
+            replay_quant_plan(model, plan, str(path))
     load_state(model, data["state_dict"], str(path))
     return model.eval(), {k: v for k, v in data.items() if k != "state_dict"}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from amc.config import EVAL_SPLITS, EXPORT_SETTABLE
 from amc.errors import UserError
 
-BASELINES = ("uniform", "random", "global", "deep", "shallow")
+BASELINES = ("uniform", "random", "global", "deep", "shallow", "sensitivity")
 NO_PROGRESS_ENV = "AMC_NO_PROGRESS"
 CONFIG_HELP = "YAML config file (paths inside it are relative to the current directory)"
 QUIET_HELP = f"no progress bars, e.g. when logging to a file (or set {NO_PROGRESS_ENV}=1)"
@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True, help=f"{CONFIG_HELP}; its model and data must match the checkpoint's")
     c.add_argument("--split", choices=EVAL_SPLITS, default="test", help="the data to measure accuracy on (default: test)")
 
-    c = command("baseline", f"prune by a rule ({', '.join(BASELINES)}) through the same export path")
+    c = command("baseline", f"prune or quantize by a rule ({', '.join(BASELINES)}) through the same export path")
     c.add_argument("--method", required=True, choices=BASELINES, help="the rule (see amc/baselines.py)")
     c.add_argument("--out", type=Path, help="checkpoint to write (default: RUN_DIR/baseline_<method>.pt)")
     return p

@@ -137,8 +137,9 @@ class TrainConfig(Section):
 
 class SearchConfig(Section):
     protocol: Literal["resource", "accuracy"] = "resource"
-    mode: Literal["channel", "fine_grained"] = "channel"
-    resource: Literal["flops", "params", "latency"] = "flops"
+    mode: Literal["channel", "fine_grained", "quantize", "joint"] = "channel"
+    resource: Literal["flops", "params", "latency", "size", "bitops"] = Field("flops", description=(
+        "size: bits of the packed weight codes; bitops: MACs x weight bits x activation bits (quantize, joint)"))
     target: float = Field(0.5, gt=0, le=1, description="fraction of the original resource to keep")
     lbound: float = Field(0.2, gt=0, le=1)
     rbound: float = Field(1.0, gt=0, le=1)
@@ -150,8 +151,13 @@ class SearchConfig(Section):
     calibration: Literal["bn", "lsq", "both", "none"] = "bn"
     calib_batches: int = Field(16, ge=0)
     reconstruct_samples: int = Field(
-        512, gt=0, description="images whose feature maps fit the least-squares reconstruction"
+        512, gt=0, description=(
+            "images whose feature maps fit the least-squares reconstruction (and calibrate activation ranges)")
     )
+    min_bits: int = Field(2, ge=2, le=8, description="quantize / joint: the narrowest bit width a step may take")
+    max_bits: int = Field(8, ge=2, le=8, description="quantize / joint: the widest bit width a step may take")
+    quantize_activations: bool = Field(False, description=(
+        "quantize / joint: also search each layer's input bit width (HAQ); otherwise inputs stay fp32"))
     reward_metric: Literal["top1", "top5"] = "top1"
     select_top_k: int = Field(10, ge=1, description="distinct best policies re-scored on the selection split")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description=(
@@ -165,6 +171,15 @@ class SearchConfig(Section):
             raise ValueError(f"lbound ({self.lbound}) must be <= rbound ({self.rbound})")
         if self.mode == "fine_grained" and self.resource != "params":
             raise ValueError("fine_grained mode budgets non-zero parameters: set resource: params")
+        bits_mode = self.mode in ("quantize", "joint")
+        if bits_mode and self.resource not in ("size", "bitops"):
+            raise ValueError(f"{self.mode} mode budgets bit widths: set resource: size or bitops")
+        if not bits_mode and self.resource in ("size", "bitops"):
+            raise ValueError(f"resource {self.resource} prices bit widths: set mode: quantize or joint")
+        if self.min_bits > self.max_bits:
+            raise ValueError(f"min_bits ({self.min_bits}) must be <= max_bits ({self.max_bits})")
+        if self.quantize_activations and not bits_mode:
+            raise ValueError("quantize_activations needs mode: quantize or joint")
         return self
 
 

@@ -12,14 +12,18 @@ from amc.checkpoint import PRUNED_FORMAT, save_checkpoint
 from amc.errors import UserError
 from amc.factory import Workspace
 from amc.metrics import count_macs, count_nonzero_params, count_params, latency_report
+from amc.quantization import storage_and_bitops
 
 
 def measure(model: nn.Module, workspace: Workspace, splits: tuple[str, ...] = ("reward_val", "test")) -> dict:
-    """MACs, parameters (all and non-zero), latency (two batch sizes) and top-1 / top-5 (or the
-    workspace's own metric) on the named splits."""
+    """MACs, parameters (all and non-zero), weight storage, BitOPs, latency (two batch sizes) and
+    top-1 / top-5 (or the workspace's own metric) on the named splits."""
     model = model.to(workspace.device).eval()
+    weight_bytes, bitops = storage_and_bitops(model, workspace.input_shape)
     out = {
         "macs": count_macs(model, workspace.input_shape),
+        "weight_bytes": weight_bytes,
+        "bitops": bitops,
         "params": count_params(model),
         "nonzero_params": count_nonzero_params(model),
         **latency_report(model, workspace.input_shape, workspace.cfg.latency),
@@ -58,7 +62,7 @@ def save_pruned(path: str | Path, spec: dict, input_shape: tuple[int, ...], mode
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model).cpu().eval()
+    model = copy.deepcopy(model).cpu().eval().requires_grad_(False)  # fake-quant ops trace only without autograd
     batch = torch.export.Dim("batch", min=1, max=4096)
     torch.onnx.export(model, (torch.zeros(input_shape),), str(path), input_names=["input"], output_names=["logits"],
                       dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)

@@ -276,6 +276,13 @@ class Workspace:
         model.to(self.device)
         if s.mode == "fine_grained":
             return FineGrainedSpace(model, graph)
+        if s.mode in ("quantize", "joint"):
+            from amc.quant_spaces import MixedPrecisionSpace
+
+            channels = ChannelSpace(model, graph, "flops", s.round_to) if s.mode == "joint" else None
+            return MixedPrecisionSpace(model, graph, s.resource, s.min_bits, s.max_bits, s.quantize_activations,
+                                       self.reconstruction_images, channels,
+                                       self.repair(model) if channels is not None else None)
         latency = None
         if s.resource == "latency":
             from amc.latency import LatencyModel
@@ -292,7 +299,8 @@ class Workspace:
         batch_size = None if d.eval_batch_size == "auto" else d.eval_batch_size
         try:
             return Scorer(model, reward, repair, s.reward_metric, s.precision, batch_size,
-                          evaluate=None if self.evaluate is None else self.metric)
+                          evaluate=None if self.evaluate is None else self.metric,
+                          fast_path=s.mode not in ("quantize", "joint"))
         except UserError as exc:
             raise UserError(str(exc), where=self.cfg.source) from None
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 import thop
 import torch
-from thop.vision.basic_hooks import zero_ops
+from thop.vision.basic_hooks import count_convNd, count_linear, zero_ops
 from torch import nn
 
 from amc.config import LatencyConfig
@@ -30,6 +30,9 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         type(m): zero_ops for m in probe.modules()
         if not isinstance(m, (nn.Conv2d, nn.Linear)) and next(m.children(), None) is None
     }
+    # subclasses (the quantized layers) count as their base class; thop matches exact types only
+    others.update({type(m): count_convNd if isinstance(m, nn.Conv2d) else count_linear for m in probe.modules()
+                   if isinstance(m, (nn.Conv2d, nn.Linear)) and type(m) not in (nn.Conv2d, nn.Linear)})
     device = next(probe.parameters()).device
     macs, _ = thop.profile(probe, inputs=(torch.zeros(input_shape, device=device),), custom_ops=others, verbose=False)
     return int(macs)

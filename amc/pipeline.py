@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from amc.checkpoint import BASE_FORMAT, PRUNED_FORMAT, load_model, save_checkpoint
@@ -17,6 +19,7 @@ from amc.export import export_onnx, measure, prune_policy, save_pruned
 from amc.factory import Workspace, seed_everything
 from amc.graph import COUPLED
 from amc.metrics import accuracy
+from amc.quantization import refold_batchnorm, unfold_batchnorm
 from amc.report import comparison_table, human, plot_episodes, plot_policy, table
 from amc.search import BEST_FILE, load_run_config, read_episodes, search
 from amc.train import fit
@@ -129,17 +132,31 @@ def export_policy(ws: Workspace, keep: list[int], out: Path, onnx: Path | None =
     return metrics
 
 
-def finetune_model(model: nn.Module, ws: Workspace, kind: str, epochs: int | None = None,
+def finetune_model(model: nn.Module, ws: Workspace, plan: dict, epochs: int | None = None,
                    distill: bool | None = None, progress: bool = True) -> nn.Module:
-    """Fine-tune a pruned model in place as the config says; fine-grained zeros stay zero."""
+    """Fine-tune a pruned model in place as the config says; fine-grained zeros stay zero.
+
+    A quantized model (``plan["kind"]`` quantize or joint) trains quantization-aware: bit widths,
+    scales and shapes stay, weights learn through the straight-through estimator, with its
+    BatchNorms unfolded for training and folded back after.
+    """
     f = ws.cfg.finetune
     use_distill = f.distill if distill is None else distill
+    kind = plan.get("kind", "channel")
     masks = None
     if kind == "fine_grained":
         masks = {n: (p != 0) for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
-    return fit(model, ws.loader("train", shuffle=True), f.epochs if epochs is None else epochs, f.lr, f.momentum,
-               f.weight_decay, teacher=ws.base_model if use_distill else None, temperature=f.temperature,
-               distill_weight=f.distill_weight, desc="finetune", progress=progress, masks=masks, loss_fn=ws.loss)
+    loader = ws.loader("train", shuffle=True)
+    folded = plan.get("folded", []) if kind in ("quantize", "joint") else []
+    if folded:  # statistics of the batches training will see (augmented), so training starts where the model is
+        batches = itertools.islice(loader, max(ws.cfg.search.calib_batches, 1))
+        unfold_batchnorm(model, folded, torch.cat([x for x, _ in batches]).to(ws.device))
+    fit(model, loader, f.epochs if epochs is None else epochs, f.lr, f.momentum,
+        f.weight_decay, teacher=ws.base_model if use_distill else None, temperature=f.temperature,
+        distill_weight=f.distill_weight, desc="finetune", progress=progress, masks=masks, loss_fn=ws.loss)
+    if folded:
+        refold_batchnorm(model, folded)
+    return model.eval()
 
 
 def finetune(path: Path, cfg: Config, epochs: int | None = None, distill: bool | None = None,
@@ -155,7 +172,7 @@ def finetune_file(path: Path, ws: Workspace, epochs: int | None = None, distill:
     """``finetune`` in a workspace already built; the result is measured on ``splits``."""
     model, data = load_for_config(path, ws, (PRUNED_FORMAT,))
     model.to(ws.device)
-    finetune_model(model, ws, data["plan"].get("kind", "channel"), epochs, distill, progress)
+    finetune_model(model, ws, data["plan"], epochs, distill, progress)
     metrics = measure(model, ws, splits)
     out = out or path.with_name(path.stem + "_ft.pt")
     save_pruned(out, ws.spec, ws.input_shape, model, data["plan"], metrics)
@@ -219,7 +236,7 @@ def run_all(cfg: Config, episodes: int | None = None, progress: bool = True) -> 
         _, rule_tuned = finetune(rule_path(pruned_path, rule), cfg, progress=progress)
         rows[rule] = {**metrics, "finetuned_test_top1": rule_tuned["test_top1"]}
     print(f"pruned checkpoint: {pruned_path}\nfine-tuned checkpoint: {tuned_path}")
-    return f"{comparison_table(rows)}\n{answer_note(answer)}"
+    return f"{comparison_table(rows, quantized=cfg.search.mode in ('quantize', 'joint'))}\n{answer_note(answer)}"
 
 
 def answer_label(answer: dict) -> str:

@@ -30,15 +30,17 @@ def human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def comparison_table(rows: dict[str, dict], markdown: bool = False) -> str:
-    """One row per model (original, the answer, each rule): size, cost and accuracy before and after fine-tuning."""
+def comparison_table(rows: dict[str, dict], markdown: bool = False, quantized: bool = False) -> str:
+    """One row per model (original, the answer, each rule): size, cost and accuracy before and after
+    fine-tuning; with ``quantized``, also the weight storage and BitOPs."""
     large = sorted({k for m in rows.values() for k in m if k.startswith("latency_ms_b")})
     fields = [("MACs", "macs", human), ("params", "params", human), ("non-zero", "nonzero_params", human),
-              ("latency ms", "latency_ms", _ms),
+              ("weight bytes", "weight_bytes", human), ("BitOPs", "bitops", human), ("latency ms", "latency_ms", _ms),
               *[(f"ms, batch {k.removeprefix('latency_ms_b')}", k, _ms) for k in large],
               ("reward-val", "reward_val_top1", _percent), ("select", "select_top1", _percent),
               ("test", "test_top1", _percent), ("test after FT", "finetuned_test_top1", _percent)]
-    fields = [f for f in fields if any(f[1] in m for m in rows.values())]
+    fields = [f for f in fields if any(f[1] in m for m in rows.values())
+              and (quantized or f[1] not in ("weight_bytes", "bitops"))]
     body = [[name] + [fmt(m[key]) if key in m else "-" for _, key, fmt in fields] for name, m in rows.items()]
     return table([""] + [label for label, _, _ in fields], body, markdown)
 
@@ -56,18 +58,20 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def plot_policy(best: dict, path: Path) -> None:
-    """Preserve ratio per unit of the best policy (the paper's per-layer figure)."""
+    """Preserve ratio (bit width, quantize mode) per unit of the best policy (the paper's per-layer figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ratios = best["ratios"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(ratios)), 3.5))
-    ax.bar(range(len(ratios)), ratios, color="#3b75af")
-    ax.set_ylim(0, 1.05)
+    mode = best.get("mode", "channel")
+    values = best["keep"] if mode == "quantize" else best["ratios"]
+    label = {"quantize": "bit width", "joint": "preserve ratio (bits / 32 for bit widths)"}.get(mode, "preserve ratio")
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(values)), 3.5))
+    ax.bar(range(len(values)), values, color="#3b75af")
+    ax.set_ylim(0, max(values) + 0.5 if mode == "quantize" else 1.05)
     ax.set_xlabel("unit (forward order)")
-    ax.set_ylabel("preserve ratio")
+    ax.set_ylabel(label)
     ax.set_title(f"best policy: episode {best['episode']}, error {best['error']:.3f}, "
                  f"cost {best['cost_ratio']:.3f} of the original")
     _save_figure(fig, path)

@@ -5,7 +5,9 @@ happens inside an episode.
 
 The error is 1 - top-1 (or top-5) accuracy, or 1 - ``evaluate(model, batches)`` for a user's
 metric (higher is better): the resource protocol's reward ``-error`` is then ``metric - 1``.
-A user's metric runs the user's code as written (fp32): the fast path serves top-k accuracy."""
+A user's metric runs the user's code as written (fp32): the fast path serves top-k accuracy.
+Fake-quantized models (``fast_path=False``) are scored in fp32 without folding: their BatchNorms
+are folded already and their rounding must not change precision."""
 
 from __future__ import annotations
 
@@ -30,17 +32,18 @@ class Scorer:
     def __init__(
         self, original: nn.Module, reward_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
         repair: Repair | None = None, metric: str = "top1", precision: str = "fp32", batch_size: int | None = None,
-        evaluate: Callable[[nn.Module, Sequence], float] | None = None,
+        evaluate: Callable[[nn.Module, Sequence], float] | None = None, fast_path: bool = True,
     ):
         self.original = original
         self.repair = repair or Repair(original)
         self.metric = metric
         self.evaluate = evaluate
         self.reward_batches = list(reward_batches) if evaluate else None
-        self.candidates = [] if evaluate else candidate_precisions(precision, next(original.parameters()).device)
+        fast_path = fast_path and evaluate is None
+        self.candidates = candidate_precisions(precision, next(original.parameters()).device) if fast_path else []
         images = torch.cat([x for x, _ in reward_batches])
         labels = torch.cat([y for _, y in reward_batches])
-        self.fast = FastEval(images, labels, batchnorm_pairs(original), uses_channels_last(original),
+        self.fast = FastEval(images, labels, batchnorm_pairs(original) if fast_path else [], uses_channels_last(original),
                              (self.candidates or ["fp32"])[0], batch_size)
 
     @property

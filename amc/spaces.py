@@ -1,8 +1,9 @@
 """What a policy acts on: channel units or fine-grained layers, with their costs.
 
-A space is the swappable part between the environment and the model: it lists the units a
-policy sets (size, rounding step, the layer the state describes), prices a policy in the
-budgeted resource analytically, and applies a policy to a copy of the model.
+A space is the swappable part between the environment and the model: it lists the steps a
+policy sets (size, the values each step may take, the layer the state describes), prices a
+policy in the budgeted resource analytically, and applies a policy to a copy of the model.
+Bit widths (``amc.quant_spaces``) are spaces too, walked by the same environment.
 """
 
 from __future__ import annotations
@@ -15,21 +16,59 @@ from torch import nn
 import numpy as np
 import torch
 
+from amc.budget import allowed_counts
 from amc.calibration import reconstructable
 from amc.cost import CostModel
 from amc.graph import LayerInfo, PrunableGraph
-from amc.pruning import apply_masks, channel_plan, fine_grained_masks, prune_channels
+from amc.pruning import apply_masks, channel_plan, fine_grained_masks, keep_count, prune_channels
+
+
+class Choice(Protocol):
+    """The values one step of a policy may take, and how an action in [0, 1] picks one."""
+
+    size: int  # the untouched value: every channel or weight, or 32 bits
+    step: int  # values are multiples of this (or ``size``)
+    floor: int  # the smallest value an action maps to
+    ceiling: int  # the largest
+    allowed: np.ndarray  # every value the step may take, ascending (budget clipping bisects over these)
+    bound_text: str  # what sets the floor, for messages ("lbound 0.2", "min_bits 2")
+
+    def pick(self, action: float) -> int: ...
+    def ratio(self, value: int) -> float: ...  # the fraction of ``size`` kept (episode logs, plots)
+    def state(self, value: int) -> float: ...  # the state's a_{t-1}, in [0, 1]
+
+
+class RatioChoice:
+    """Keep a fraction of ``size`` things: action -> preserve ratio in [lbound, rbound] -> rounded count."""
+
+    def __init__(self, size: int, step: int, lbound: float, rbound: float):
+        self.size, self.step, self.lbound, self.rbound = size, step, lbound, rbound
+        self.floor = keep_count(lbound, size, step)
+        self.ceiling = keep_count(rbound, size, step)
+        self.allowed = allowed_counts(size, step)
+        self.bound_text = f"lbound {lbound:g}"
+
+    def pick(self, action: float) -> int:
+        ratio = self.lbound + action * (self.rbound - self.lbound)
+        return min(keep_count(ratio, self.size, self.step), self.ceiling)
+
+    def ratio(self, value: int) -> float:
+        return value / self.size
+
+    state = ratio
 
 
 class Space(Protocol):
     kind: str
     names: list[str]
-    sizes: list[int]
+    sizes: list[int]  # each step's untouched value: the policy that changes nothing
     round_to: int  # keep counts are multiples of this (or the whole unit)
-    layers: list[LayerInfo]  # the layer each unit's state describes
+    layers: list[LayerInfo]  # the layer each step's state describes
     unit_costs: list[float]  # the state's FLOPs[t] (or weights, fine-grained)
     reward_measure: str  # the measure in -Error * log(cost), whatever resource is budgeted
+    step_flags: dict[str, list[float]]  # extra per-step state features, appended after the 11 (none here)
 
+    def choices(self, lbound: float, rbound: float) -> list[Choice]: ...
     def cost(self, keep: Sequence[int]) -> float: ...
     def measures(self, keep: Sequence[int]) -> dict[str, float]: ...
     def apply(self, model: nn.Module, keep: Sequence[int]) -> nn.Module: ...
@@ -56,9 +95,13 @@ class ChannelSpace:
         producers = [{m.module for m in u.members if m.dim == "out" and m.module in graph.layers}
                      for u in graph.units]
         self.unit_costs = [float(sum(graph.layers[n].macs for n in names)) for names in producers]
+        self.step_flags: dict[str, list[float]] = {}
         self._model = model
         if resource == "latency" and latency is None:
             raise ValueError("the latency resource needs a latency model")
+
+    def choices(self, lbound: float, rbound: float) -> list[Choice]:
+        return [RatioChoice(size, self.round_to, lbound, rbound) for size in self.sizes]
 
     def cost(self, keep: Sequence[int]) -> float:
         if self.resource == "flops":
@@ -117,9 +160,13 @@ class FineGrainedSpace:
         self.sizes = [layer.weight_count for layer in self.layers]
         self.round_to = 1
         self.unit_costs = [float(s) for s in self.sizes]
+        self.step_flags: dict[str, list[float]] = {}
         total = sum(p.numel() for p in model.parameters())
         self._fixed = total - sum(self.sizes)  # biases, norms: never pruned
         self._macs = float(sum(layer.macs for layer in self.layers))
+
+    def choices(self, lbound: float, rbound: float) -> list[Choice]:
+        return [RatioChoice(size, self.round_to, lbound, rbound) for size in self.sizes]
 
     def cost(self, keep: Sequence[int]) -> float:
         return float(self._fixed + sum(keep))

@@ -1,9 +1,10 @@
 """``PruningEnv``: AMC's environment. One step per prunable unit, in forward order.
 
-The agent answers each unit's state with an action in [0, 1], mapped to a preserve ratio in
-[lbound, rbound] and rounded to the unit's allowed keep counts. Under the resource-constrained
-protocol the ratio is clipped so the episode can still end within budget, and after the last
-unit the unused budget is spread over the units (``fill``, see ``amc.budget``). Steps cost nothing
+The agent answers each unit's state with an action in [0, 1], which the space's choice for that
+step maps to a value: a preserve ratio in [lbound, rbound] rounded to the unit's allowed keep
+counts, or a bit width in [min_bits, max_bits] (``amc.quant_spaces``). Under the
+resource-constrained protocol the value is clipped so the episode can still end within budget,
+and after the last unit the unused budget is spread over the units (``fill``, see ``amc.budget``). Steps cost nothing
 but arithmetic (the analytic cost model); the last step prunes a copy of the model, calibrates
 it, scores it on the reward-val subset and returns the episode's reward.
 """
@@ -26,7 +27,6 @@ from amc.envs.rewards import REWARDS
 from amc.envs.state import FEATURES, observation, static_features
 from amc.errors import UserError
 from amc.graph import COUPLED, PrunableGraph
-from amc.pruning import keep_count
 from amc.scoring import Scorer
 from amc.spaces import Space
 
@@ -52,19 +52,24 @@ class PruningEnv(gym.Env):
         self.fill = fill and protocol == "resource"
         self.full_cost = space.cost(space.sizes)
         self.budget = target * self.full_cost
-        self.floor = [keep_count(lbound, size, space.round_to) for size in space.sizes]
-        self.ceiling = [keep_count(rbound, size, space.round_to) for size in space.sizes]
+        self.choices = space.choices(lbound, rbound)
+        self.floor = [choice.floor for choice in self.choices]
+        self.ceiling = [choice.ceiling for choice in self.choices]
         self.static = static_features(space.layers, space.unit_costs)
+        flags = [np.asarray(column, dtype=np.float32) for column in space.step_flags.values()]
+        self.flags = np.stack(flags, axis=1) if flags else np.zeros((len(space.sizes), 0), dtype=np.float32)
         self.total_unit_cost = float(sum(space.unit_costs)) or 1.0
         self.full_measures = space.measures(space.sizes)
         if protocol == "resource":
             reachable = space.cost(self.floor) / self.full_cost
             if reachable > target + 1e-12:
+                bounds = " and ".join(sorted({choice.bound_text for choice in self.choices}))
                 raise UserError(
-                    f"target {target:g} is below what lbound {lbound:g} allows; the smallest "
+                    f"target {target:g} is below what {bounds} allows; the smallest "
                     f"reachable target is {math.ceil(reachable * 1e4) / 1e4:g}{_left_whole(space)}",
                     field="search.target")
-        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(len(FEATURES),), dtype=np.float32)
+        self.features = FEATURES + tuple(space.step_flags)
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(len(self.features),), dtype=np.float32)
         self.action_space = gym.spaces.Box(0.0, 1.0, shape=(1,), dtype=np.float32)
         self.keep: list[int] = []
 
@@ -77,8 +82,8 @@ class PruningEnv(gym.Env):
         rest = self.space.sizes[len(self.keep):]
         reduced = 1.0 - self.space.cost([*self.keep, *rest]) / self.full_cost
         later = sum(self.space.unit_costs[t + 1:]) / self.total_unit_cost
-        a_prev = self.keep[-1] / self.space.sizes[len(self.keep) - 1] if self.keep else 1.0
-        return observation(self.static, t, reduced, later, a_prev)
+        a_prev = self.choices[len(self.keep) - 1].state(self.keep[-1]) if self.keep else 1.0
+        return observation(self.static, t, reduced, later, a_prev, self.flags[t])
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -86,14 +91,13 @@ class PruningEnv(gym.Env):
         return self._observation(), {}
 
     def preserve_count(self, action: float) -> int:
-        """The keep count for the current unit: action -> ratio -> rounded, clipped count."""
+        """The value for the current step: action -> the choice's value (count or bits), clipped to the budget."""
         t = len(self.keep)
-        size = self.space.sizes[t]
-        ratio = self.lbound + float(np.clip(action, 0.0, 1.0)) * (self.rbound - self.lbound)
-        count = min(keep_count(ratio, size, self.space.round_to), self.ceiling[t])
+        choice = self.choices[t]
+        count = choice.pick(float(np.clip(action, 0.0, 1.0)))
         if self.protocol == "resource":
-            limit = max_keep(self.space.cost, self.keep, self.floor[t + 1:], size, self.space.round_to, self.budget)
-            count = max(min(count, limit), self.floor[t])
+            limit = max_keep(self.space.cost, self.keep, self.floor[t + 1:], choice.allowed, self.budget)
+            count = max(min(count, limit), choice.floor)
         return count
 
     def step(self, action):
@@ -105,7 +109,7 @@ class PruningEnv(gym.Env):
         if len(self.keep) < self.num_units:
             return self._observation(), 0.0, False, False, {}
         if self.fill:
-            self.keep = fill_budget(self.keep, self.space.sizes, self.ceiling, self.space.round_to,
+            self.keep = fill_budget(self.keep, self.space.sizes, self.ceiling, [c.step for c in self.choices],
                                     self.space.cost, self.budget)
         reward, info = self.evaluate(self.keep)
         return self._observation(), reward, True, False, info
@@ -128,7 +132,7 @@ class PruningEnv(gym.Env):
         info = {
             "error": error,
             "keep": list(keep),
-            "ratios": [k / s for k, s in zip(keep, self.space.sizes)],
+            "ratios": [choice.ratio(k) for choice, k in zip(self.choices, keep)],
             "cost_ratio": cost / self.full_cost,
             **{f"{name}_ratio": value / self.full_measures[name] for name, value in measures.items()},
             "timings": timings,

@@ -3,6 +3,8 @@
 ``t, n, c, h, w, stride, k, FLOPs[t]`` are static and min-max normalised across units to
 [0, 1]; ``reduced`` (cost removed so far / total), ``rest`` (cost of the units after t / total)
 and ``a_{t-1}`` (the previous unit's preserve ratio, 1 before the first) change per step.
+A space may append per-step flags after these (the bit-width spaces: weight or activation
+step, depthwise, pruning step), so the state's length depends on the mode.
 """
 
 from __future__ import annotations
@@ -28,5 +30,9 @@ def static_features(layers: Sequence[LayerInfo], unit_costs: Sequence[float]) ->
     return ((raw - low) / span).astype(np.float32)
 
 
-def observation(static: np.ndarray, t: int, reduced: float, rest: float, a_prev: float) -> np.ndarray:
-    return np.concatenate([static[t], np.array([reduced, rest, a_prev], dtype=np.float32)]).clip(0.0, 1.0)
+def observation(static: np.ndarray, t: int, reduced: float, rest: float, a_prev: float,
+                flags: np.ndarray | None = None) -> np.ndarray:
+    parts = [static[t], np.array([reduced, rest, a_prev], dtype=np.float32)]
+    if flags is not None:
+        parts.append(flags)
+    return np.concatenate(parts).clip(0.0, 1.0)

@@ -44,6 +44,7 @@ SEARCHED = ("amc", "random")
 RULES = ("uniform", "global")
 HANDCRAFTED = ("deep", "shallow")
 METHODS = SEARCHED + RULES
+BIT_RULES = ("sensitivity",)  # quantize mode (uniform is the uniform bit width there)
 
 
 def configure(args, method: str, target: float, seed: int, out: Path):
@@ -82,7 +83,7 @@ def evaluate(cfg, keep: list[int], workspace: Workspace, epochs: int) -> dict:
     if epochs:  # fine-tuning changes weights, not shape: only accuracy needs measuring again
         seed_everything(cfg.agent.seed)
         started = time.perf_counter()
-        finetune_model(model, workspace, plan["kind"], epochs, progress=False)
+        finetune_model(model, workspace, plan, epochs, progress=False)
         before["finetune_seconds"] = time.perf_counter() - started
         after = accuracy(model, workspace.loader("test"))["top1"]
     return {**{f"{k}_before_ft" if k.endswith("_top1") else k: v for k, v in before.items() if not k.endswith("_top5")},
@@ -118,10 +119,11 @@ def summarize(records: list[dict]) -> str:
     def pct(rs: list[dict], key: str) -> list[float]:
         return [100 * r[key] for r in rs if key in r and (key != "test_top1_after_ft" or r["finetune_epochs"])]
 
-    order = METHODS + HANDCRAFTED
+    order = METHODS + HANDCRAFTED + BIT_RULES
+    quantized = any(r.get("bitops", 1024 * r["macs"]) < 1024 * r["macs"] for r in records)  # below 32x32-bit MACs
     rows = []
     for (target, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], order.index(kv[0][1]))):
-        rules = [groups[(target, m)][0] for m in RULES + HANDCRAFTED if (target, m) in groups]
+        rules = [groups[(target, m)][0] for m in RULES + HANDCRAFTED + BIT_RULES if (target, m) in groups]
         diffs = []
         for key in ("test_top1_before_ft", "test_top1_after_ft"):
             best_rule = max((r for r in rules if key in r), key=lambda r: r[key], default=None)
@@ -129,11 +131,14 @@ def summarize(records: list[dict]) -> str:
                          if method in SEARCHED and best_rule else "-")
         rows.append([method, f"{target:.4g}", f"{statistics.mean(r['macs'] for r in rs) / 1e6:.2f}M",
                      f"{statistics.mean(r.get('nonzero_params', r['params']) for r in rs) / 1e3:.1f}K",
+                     *([stat([r["weight_bytes"] / 1e3 for r in rs], 1), stat([r["bitops"] / 1e9 for r in rs], 3)]
+                       if quantized else []),
                      stat(pct(rs, "select_top1_before_ft")), stat(pct(rs, "test_top1_before_ft")), diffs[0],
                      stat(pct(rs, "test_top1_after_ft")), diffs[1],
                      stat([r["search_seconds"] + r.get("finetune_seconds", 0.0) for r in rs], digits=0),
                      " ".join(sorted({r.get("answer_source", "") for r in rs})) or "-", len(rs)])
-    return table(["method", "target", "MACs", "non-zero params", "select top-1 (%)", "test before FT (%)",
+    return table(["method", "target", "MACs", "non-zero params", *(["weights (KB)", "BitOPs (G)"] if quantized else []),
+                  "select top-1 (%)", "test before FT (%)",
                   "vs best rule", "test after FT (%)", "vs best rule", "wall (s)", "answer from", "seeds"],
                  rows, markdown=True)
 
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--targets", type=float, nargs="+", default=[0.5])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + HANDCRAFTED)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + HANDCRAFTED + BIT_RULES)
     p.add_argument("--episodes", type=int, help="search episodes (AMC and random search alike)")
     p.add_argument("--finetune-epochs", type=int, help="default: the config's finetune.epochs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -73,3 +73,16 @@ def test_rescore_measures_the_best_episodes_on_test(demo_raw, tmp_path, capsys):
         assert 50 < float(row[3]) <= 100 and 0 < float(row[4]) <= 0.5
     assert "Spearman rank correlation" in out
     assert rescore.main([str(tmp_path / "missing")]) == 2
+
+
+def test_quantize_benchmark_compares_search_uniform_and_sensitivity(demo_raw, tmp_path):
+    demo_raw["search"].update(mode="quantize", resource="size")
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    records = run(config, tmp_path / "bench", "--targets", "0.1", "--seeds", "0",
+                  "--methods", "amc", "uniform", "sensitivity", "--finetune-epochs", "1")
+    assert [r["method"] for r in records] == ["amc", "uniform", "sensitivity"]
+    full_bytes = 4 * sum(p.numel() for n, p in load_model(demo_raw["model"]["checkpoint"])[0].named_parameters()
+                         if n.endswith("weight") and p.dim() > 1)
+    for r in records:
+        assert r["weight_bytes"] <= 0.1 * full_bytes and r["test_top1_after_ft"] > 0.5
+    assert "weights (KB)" in (tmp_path / "bench" / "results.md").read_text()
