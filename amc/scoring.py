@@ -43,14 +43,10 @@ class Scorer:
     def use_precision(self, precision: str) -> None:
         self.fast.precision = precision
 
-    def error(self, model: nn.Module, inplace: bool = False) -> float:
-        """1 - the reward metric of an already repaired ``model`` on the fast path."""
-        return 1.0 - self.fast.accuracy(model, inplace)[self.metric]
-
     def __call__(self, pruned: nn.Module, refit_layers: dict | None = None) -> tuple[float, dict[str, float]]:
         """Repair ``pruned`` in place, score it (its BN is folded afterwards); (error, seconds per step)."""
         timings = self.repair(pruned, refit_layers)
         start = time.perf_counter()
-        error = self.error(pruned, inplace=True)
+        error = 1.0 - self.fast.accuracy(pruned, inplace=True)[self.metric]
         timings["eval"] = time.perf_counter() - start
         return error, timings
