@@ -242,7 +242,8 @@ class Repair:
         twin.dtype = None
         return twin
 
-    def __call__(self, pruned: nn.Module, refit_layers: dict[str, torch.Tensor | None] | None = None) -> dict[str, float]:
+    def __call__(self, pruned: nn.Module,
+                 refit_layers: dict[str, torch.Tensor | None] | None = None) -> dict[str, float]:
         """Repair ``pruned`` in place; returns the seconds spent per step (reconstruct, calibrate)."""
         start = time.perf_counter()
         if self.reconstructor is not None and refit_layers:

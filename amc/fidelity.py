@@ -100,7 +100,7 @@ def check_fidelity(env: PruningEnv, path: str | Path | None = None, policies: in
             worst = report["candidates"][scorer.candidates[-1]]
             warnings.warn(
                 f"fidelity check: {', '.join(scorer.candidates)} would change the rewards (Spearman "
-                f"{worst['spearman']:.3f}, mean |top-1 difference| {100 * worst['mean_abs_diff']:.2f} points, "
+                f"{worst['spearman']:.3f}, mean |{scorer.metric} difference| {100 * worst['mean_abs_diff']:.2f} points, "
                 f"allowed < {100 * worst['allowed_mean_abs_diff']:.2f}); rewards are scored in fp32")
             scorer.use_precision("fp32")
     report.update(precision=scorer.precision, seconds=time.perf_counter() - started)

@@ -184,7 +184,8 @@ def main() -> None:
         cfg.search.calibration = calibration
         env = ws.env()
         started = time.perf_counter()
-        report = check_fidelity(env, policies=args.policies, seed=cfg.seed, reference_repair=env.scorer.repair.in_fp32())
+        report = check_fidelity(env, policies=args.policies, seed=cfg.seed,
+                                reference_repair=env.scorer.repair.in_fp32())
         print(f"fidelity ({calibration}, {args.policies} random clipped policies + the base model, "
               f"{time.perf_counter() - started:.1f} s):")
         for precision, c in report["candidates"].items():
