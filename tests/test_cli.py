@@ -152,7 +152,7 @@ def test_help_documents_every_option(capsys):
                 assert action.help, f"{name} {action.dest} has no help text"
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert f"baseline prune by a rule ({', '.join(BASELINES)})" in " ".join(capsys.readouterr().out.split())
+    assert f"baseline prune or quantize by a rule ({', '.join(BASELINES)})" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("quiet", ["none", "flag before", "flag after", "env"])
