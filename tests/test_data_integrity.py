@@ -112,13 +112,14 @@ def test_scorer_and_export_calibrate_on_many_classes_of_a_class_sorted_folder(tm
     assert [len(x) for x in calib] == [8, 8] and classes_in(calib) >= 6
     assert all(torch.equal(a, b) for a, b in zip(calibration_batches(Workspace(cfg)), calib))  # deterministic
     scorer = ws.scorer(ws.base_model)
-    assert len(scorer.calib_batches) == 2 and all(torch.equal(a, b) for a, b in zip(scorer.calib_batches, calib))
+    repair = scorer.repair
+    assert len(repair.calib_batches) == 2 and all(torch.equal(a, b) for a, b in zip(repair.calib_batches, calib))
 
     # export: the pruned model's BN statistics are those of the same images
     keep = ws.space(ws.base_model).sizes
-    exported, _ = prune_policy(ws, list(keep), refit=False)
+    exported, _ = prune_policy(ws, list(keep))
     expected = copy.deepcopy(ws.base_model)
-    recalibrate_batchnorm(expected, calib)
+    recalibrate_batchnorm(expected, calib, repair.dtype)
     for a, b in zip(exported.modules(), expected.modules()):
         if isinstance(a, nn.BatchNorm2d):
             assert torch.allclose(a.running_mean, b.running_mean) and torch.allclose(a.running_var, b.running_var)
