@@ -10,7 +10,10 @@ stays the one the base model was trained with.
         --seeds 0 1 --out docs/results/resnet20_fmnist
 
 writes OUT/results.json (one record per method x target x seed) and OUT/results.md (mean and
-standard deviation over seeds), and prints the table.
+standard deviation over seeds), and prints the table. The (method, target, seed) jobs are
+independent: ``--workers N`` runs N at once in local processes, ``--backend ray`` on Ray tasks
+(a cluster: ``RAY_ADDRESS`` or ``--ray-address``; OUT, the config's checkpoint and data must be
+at the same paths on every node). A search inside a job still scores with ``search.workers``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from amc.config import apply_overrides, config_from_dict, read_yaml
 from amc.export import measure, prune_policy
 from amc.factory import Workspace, seed_everything
 from amc.metrics import accuracy
+from amc.parallel import run_jobs
 from amc.pipeline import finetune_model
 from amc.report import plot_policy, table
 from amc.search import read_episodes, search
@@ -120,6 +124,27 @@ def summarize(records: list[dict]) -> str:
                   "test top-1 before FT (%)", "test top-1 after FT (%)", "search (s)", "seeds"], rows, markdown=True)
 
 
+def recorded(path: Path) -> set[tuple]:
+    return {(r["method"], r["target"], r["seed"]) for r in read_records(path)}
+
+
+def run_job(args: argparse.Namespace, method: str, target: float, seed: int) -> dict | None:
+    """One (method, target, seed): its policy, exported, measured and fine-tuned; appended to the results.
+
+    None when another benchmark process sharing the results file has recorded it meanwhile.
+    """
+    if (method, target, seed) in recorded(args.out / "results.json"):
+        return None
+    cfg = configure(args, target, seed, args.out)
+    workspace = Workspace(cfg)
+    epochs = cfg.finetune.epochs if args.finetune_epochs is None else args.finetune_epochs
+    keep, seconds, extra = policy_for(method, cfg, workspace, Path(cfg.search.run_dir))
+    record = {"method": method, "target": target, "seed": seed, "keep": keep, "search_seconds": seconds,
+              "finetune_epochs": epochs, **extra, **evaluate(cfg, keep, workspace, epochs)}
+    append_record(args.out / "results.json", record)
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
@@ -130,24 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune-epochs", type=int, help="default: the config's finetune.epochs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--workers", type=int, default=1, help="jobs run at once (1: one after another in this process)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local worker processes, or Ray tasks (RAY_ADDRESS or --ray-address joins a cluster)")
+    p.add_argument("--threads", type=int, help="torch threads per job (default: cores / workers)")
+    p.add_argument("--ray-address")
     args = p.parse_args(argv)
 
     results_path = args.out / "results.json"
     args.out.mkdir(parents=True, exist_ok=True)
-    for target in args.targets:
-        for seed in args.seeds:
-            cfg = configure(args, target, seed, args.out)
-            workspace = Workspace(cfg)
-            epochs = cfg.finetune.epochs if args.finetune_epochs is None else args.finetune_epochs
-            for method in args.methods:
-                if (method, target, seed) in {(r["method"], r["target"], r["seed"]) for r in read_records(results_path)}:
-                    continue
-                keep, seconds, extra = policy_for(method, cfg, workspace, Path(cfg.search.run_dir))
-                record = {"method": method, "target": target, "seed": seed, "keep": keep,
-                          "search_seconds": seconds, "finetune_epochs": epochs, **extra,
-                          **evaluate(cfg, keep, workspace, epochs)}
-                append_record(results_path, record)
-                print(json.dumps({k: v for k, v in record.items() if k != "keep"}), flush=True)
+    done = recorded(results_path)
+    jobs = [(args, method, target, seed) for target in args.targets for seed in args.seeds for method in args.methods
+            if (method, target, seed) not in done]
+    for record in run_jobs(run_job, jobs, args.backend, args.workers, args.threads, args.ray_address):
+        if record is not None:
+            print(json.dumps({k: v for k, v in record.items() if k != "keep"}), flush=True)
     markdown = summarize(read_records(results_path))
     atomic_write_text(args.out / "results.md", markdown + "\n")
     print(markdown)

@@ -65,3 +65,16 @@ def test_rescore_measures_the_best_episodes_on_test(demo_raw, tmp_path, capsys):
         assert 50 < float(row[3]) <= 100 and 0 < float(row[4]) <= 0.5
     assert "Spearman rank correlation" in out
     assert rescore.main([str(tmp_path / "missing")]) == 2
+
+
+def test_benchmark_jobs_on_two_local_workers_give_the_serial_records(demo_raw, tmp_path):
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    jobs = ("--seeds", "0", "--methods", "amc", "uniform", "--finetune-epochs", "1")
+    serial = run(config, tmp_path / "serial", *jobs)
+    parallel = run(config, tmp_path / "parallel", *jobs, "--workers", "2")
+    same = ("method", "seed", "keep", "reward_val_top1_before_ft", "test_top1_before_ft", "test_top1_after_ft")
+
+    def ordered(records: list[dict]) -> list[dict]:
+        return sorted(({k: r[k] for k in same} for r in records), key=lambda r: r["method"])
+
+    assert ordered(parallel) == ordered(serial)
