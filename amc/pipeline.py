@@ -10,6 +10,7 @@ from torch import nn
 
 from amc.checkpoint import BASE_FORMAT, PRUNED_FORMAT, load_model, save_checkpoint
 from amc.config import Config, run_dir_for
+from amc.distributed import launched
 from amc.errors import UserError
 from amc.export import export_onnx, measure, prune_policy, save_pruned
 from amc.factory import Workspace, seed_everything
@@ -98,19 +99,26 @@ def finetune_model(model: nn.Module, ws: Workspace, kind: str, epochs: int | Non
         masks = {n: (p != 0) for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
     return fit(model, ws.loader("train", shuffle=True), f.epochs if epochs is None else epochs, f.lr, f.momentum,
                f.weight_decay, teacher=ws.base_model if use_distill else None, temperature=f.temperature,
-               distill_weight=f.distill_weight, desc="finetune", progress=progress, masks=masks)
+               distill_weight=f.distill_weight, desc="finetune", progress=progress, masks=masks, seed=ws.cfg.seed)
 
 
 def finetune(path: Path, cfg: Config, epochs: int | None = None, distill: bool | None = None,
              out: Path | None = None, progress: bool = True) -> tuple[Path, dict]:
-    """Train a pruned checkpoint on the config's data; optionally distil from the base model."""
+    """Train a pruned checkpoint on the config's data; optionally distil from the base model.
+
+    Under ``torchrun --nproc_per_node K`` the K processes train data-parallel; rank 0 measures
+    and writes the checkpoint, the other ranks return empty metrics.
+    """
     seed_everything(cfg.seed)
     ws = Workspace(cfg)
-    model, data = load_model(path, (PRUNED_FORMAT,))
-    model.to(ws.device)
-    finetune_model(model, ws, data["plan"].get("kind", "channel"), epochs, distill, progress)
-    metrics = measure(model, ws)
     out = out or path.with_name(path.stem + "_ft.pt")
+    with launched(ws.device) as rank:
+        model, data = load_model(path, (PRUNED_FORMAT,))
+        model.to(ws.device)
+        finetune_model(model, ws, data["plan"].get("kind", "channel"), epochs, distill, progress and rank == 0)
+    if rank:
+        return out, {}
+    metrics = measure(model, ws)
     save_pruned(out, ws.spec, ws.input_shape, model, data["plan"], metrics)
     return out, metrics
 

@@ -189,9 +189,9 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
     seed_everything(cfg.seed)
     workspace = Workspace(cfg)
     env = workspace.env()  # every input problem (model, data, budget) surfaces here, before any file is written
-    check_writable(run_dir)
     scoring = backend or open_backend(cfg, env, workspace.device)  # before seeding: starting Ray may draw
     try:
+        check_writable(run_dir)
         return _rounds(cfg, run_dir, resume, progress, workspace, env, scoring)
     except WorkerError as exc:
         saved = int(load_checkpoint(agent_path, AGENT_FORMAT)["episodes"]) if agent_path.is_file() else 0

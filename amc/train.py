@@ -10,6 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from amc.distributed import data_parallel, shuffle_epoch
+
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton et al.'s soft-target loss, scaled by T^2 so its gradients match the hard loss."""
@@ -22,15 +24,17 @@ def fit(
     model: nn.Module, loader: DataLoader, epochs: int, lr: float, momentum: float = 0.9,
     weight_decay: float = 5e-4, label_smoothing: float = 0.0, teacher: nn.Module | None = None,
     temperature: float = 4.0, distill_weight: float = 0.9, desc: str = "train",
-    progress: bool = True, masks: dict[str, torch.Tensor] | None = None,
+    progress: bool = True, masks: dict[str, torch.Tensor] | None = None, seed: int = 0,
 ) -> nn.Module:
     """SGD with a cosine schedule over ``epochs``; with ``teacher``, knowledge distillation.
 
     The loss is ``(1 - w) * CE + w * KD`` when distilling, plain cross-entropy otherwise.
     ``masks`` (parameter name -> 0/1 tensor) are re-applied after every step, so weights that
-    fine-grained pruning removed stay zero.
+    fine-grained pruning removed stay zero. Under ``torchrun`` (``amc.distributed.launched``) the
+    model trains data-parallel, each process on its shard of ``loader`` (shuffled with ``seed``).
     """
     device = next(model.parameters()).device
+    net, loader = data_parallel(model, loader, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay, nesterov=momentum > 0)
     steps = max(1, epochs * len(loader))
@@ -40,10 +44,11 @@ def fit(
     masked = [(p, masks[n].to(p)) for n, p in model.named_parameters() if n in masks] if masks else []
     bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
     for epoch in range(epochs):
+        shuffle_epoch(loader, epoch)
         model.train()
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
+            logits = net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
             if teacher is not None:
                 with torch.no_grad():

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from amc.agents import AMCDDPG
 from amc.checkpoint import AGENT_FORMAT, load_checkpoint
 from amc.config import Config, config_from_dict
 from amc.envs import run_episode
+from amc.errors import UserError
 from amc.factory import Workspace, seed_everything
 from amc.parallel import LocalWorkers, WorkerError
 from amc.search import search
@@ -127,6 +129,13 @@ def test_a_worker_that_dies_or_hangs_stops_the_search_and_resume_continues(two_w
 
     search(configured(raw, worker_timeout=60), run_dir, resume=True, progress=False)  # a longer timeout may be set
     assert rows(run_dir) == rows(reference)
+
+
+def test_the_ray_backend_without_ray_is_one_line_and_writes_nothing(demo_raw, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where Ray is not installed
+    with pytest.raises(UserError, match=r"search.backend: backend ray needs Ray: pip install -e '.\[ray\]'"):
+        search(configured(demo_raw, backend="ray", workers=2), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture(scope="module")
