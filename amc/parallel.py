@@ -67,20 +67,35 @@ def import_ray():
     return ray
 
 
+def join_ray(ray, address: str | None) -> None:
+    """Join the cluster at ``address`` (None: RAY_ADDRESS, else a new local Ray)."""
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
+        raise UserError(f"cannot start or join Ray at {where}: {_line(exc)}", field="ray.address") from None
+
+
+def hold_threads(threads: int | None) -> int:
+    """Set this process's torch threads (None: leave them); the previous count, to restore."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    return previous
+
+
 class InProcess:
     """``workers: 1`` on the local backend: the env's own ``evaluate``, exactly the serial search."""
 
     def __init__(self, env, threads: int | None = None):
         self.env = env
-        self.previous = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
+        self.previous_threads = hold_threads(threads)
 
     def score(self, jobs: Sequence[Job]) -> dict[int, Result]:
         return {episode: self.env.evaluate(keep) for episode, keep in jobs}
 
     def close(self) -> None:
-        torch.set_num_threads(self.previous)
+        torch.set_num_threads(self.previous_threads)
 
 
 class ScoringWorker:
@@ -119,7 +134,8 @@ def _serve(pipe: Connection, raw: dict, source: str, threads: int, gpu: int | No
     except (EOFError, BrokenPipeError):  # the search process is gone
         return
     except Exception as exc:
-        traceback.print_exc()
+        if not isinstance(exc, UserError):  # a bug: its traceback, on the worker's stderr
+            traceback.print_exc()
         try:
             pipe.send(("failed", _describe(exc)))
         except OSError:
@@ -127,7 +143,11 @@ def _serve(pipe: Connection, raw: dict, source: str, threads: int, gpu: int | No
 
 
 class LocalWorkers:
-    """N spawned processes on this machine, one pipe each; a round sends job i to worker i."""
+    """N spawned processes on this machine, one pipe each; a round sends job i to worker i.
+
+    The search process keeps one torch thread meanwhile: the cores are the workers', and its own
+    work (the walk, the agent's small networks) runs faster on one thread than on contended ones.
+    """
 
     def __init__(self, cfg: Config, workers: int, threads: int, gpus: int = 0, timeout: float = 600.0):
         context = multiprocessing.get_context("spawn")  # fork would copy the search's threads and CUDA state
@@ -148,6 +168,7 @@ class LocalWorkers:
         except BaseException:
             self._stop(graceful=False)
             raise
+        self.previous_threads = hold_threads(1)
 
     def score(self, jobs: Sequence[Job]) -> dict[int, Result]:
         if len(jobs) > len(self.processes):
@@ -217,6 +238,7 @@ class LocalWorkers:
 
     def close(self) -> None:
         self._stop(graceful=True)
+        torch.set_num_threads(self.previous_threads)
 
 
 _SEE_ABOVE = " (its error is printed above)"
@@ -227,20 +249,25 @@ def _doing(doing: str, episode: int | None) -> str:
 
 
 class RayActors:
-    """N Ray actors, each a ``ScoringWorker``; joins ``ray.address`` / RAY_ADDRESS or starts a local Ray."""
+    """N Ray actors, each a ``ScoringWorker``; joins ``ray.address`` / RAY_ADDRESS or starts a local Ray.
+
+    The search process keeps one torch thread meanwhile, as with ``LocalWorkers``.
+    """
 
     def __init__(self, cfg: Config, workers: int, threads: int | None = None, timeout: float = 600.0):
         ray = self.ray = import_ray()
         self.timeout = timeout
+        self.previous_threads = hold_threads(1)
+        self.actors: list = []
         self.started = not ray.is_initialized()
-        if self.started:
-            ray.init(address=cfg.ray.address, include_dashboard=False, logging_level=logging.WARNING)
-        resources = ray.cluster_resources()
-        threads = threads or split_threads(workers, int(resources.get("CPU", 1)))
-        gpus = resources.get("GPU", 0) if cfg.device != "cpu" else 0
-        actor = ray.remote(num_cpus=threads, num_gpus=min(1.0, gpus / workers) if gpus else 0)(ScoringWorker)
-        self.actors = [actor.remote(cfg.to_dict(), cfg.source, threads, None, os.getcwd()) for _ in range(workers)]
         try:
+            if self.started:
+                join_ray(ray, cfg.ray.address)
+            resources = ray.cluster_resources()
+            threads = threads or split_threads(workers, int(resources.get("CPU", 1)))
+            gpus = resources.get("GPU", 0) if cfg.device != "cpu" else 0
+            actor = ray.remote(num_cpus=threads, num_gpus=min(1.0, gpus / workers) if gpus else 0)(ScoringWorker)
+            self.actors = [actor.remote(cfg.to_dict(), cfg.source, threads, None, os.getcwd()) for _ in range(workers)]
             self._get([a.ready.remote() for a in self.actors], "starting", max(timeout, STARTUP_SECONDS))
         except BaseException:
             self.close()
@@ -259,8 +286,8 @@ class RayActors:
             return self.ray.get(refs, timeout=timeout)
         except errors.GetTimeoutError:
             problem = f"gave no answer within {timeout:g} s (search.worker_timeout) while {doing}"
-        except errors.RayActorError as exc:
-            problem = f"died while {doing} ({_first_line(exc)})"
+        except errors.RayActorError as exc:  # killed, or its __init__ raised (then the last line says what)
+            problem = f"died while {doing} ({_line(exc, last=getattr(exc, 'actor_init_failed', False))})"
         except errors.RayTaskError as exc:
             cause = exc.cause
             self.close()
@@ -277,11 +304,13 @@ class RayActors:
         if self.started and self.ray.is_initialized():
             self.ray.shutdown()
             self.started = False
+        torch.set_num_threads(self.previous_threads)
 
 
-def _first_line(exc: BaseException) -> str:
+def _line(exc: BaseException, last: bool = False) -> str:
+    """One line of an exception's message (many-line Ray errors: the first, or the traceback's last)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    return (lines[-1] if last else lines[0]) if lines else type(exc).__name__
 
 
 def open_backend(cfg: Config, env, device: torch.device) -> Backend:
@@ -314,7 +343,7 @@ def run_jobs(fn: Callable, jobs: Sequence[tuple], backend: str = "local", worker
         ray = import_ray()
         started = not ray.is_initialized()
         if started:
-            ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
+            join_ray(ray, ray_address)
         pending: list = []
         try:
             threads = threads or split_threads(workers, int(ray.cluster_resources().get("CPU", 1)))

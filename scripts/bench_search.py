@@ -152,6 +152,7 @@ class SleepingWorkers:
 
 def simulate(cfg: Config, counts: list[int], seconds: float, rounds: int, tmp: Path) -> None:
     """Episodes per minute of the real loop with N sleeping workers, for each N in ``counts``."""
+    torch.set_num_threads(1)  # as the search process holds itself while real workers score
     env = Workspace(cfg).env()
     rows, base = [], None
     for n in counts:
