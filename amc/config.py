@@ -164,7 +164,7 @@ class SearchConfig(Section):
         "precision of reward evaluations; auto: the fastest the hardware runs natively that passes the fidelity "
         "check against fp32 (results users read are always fp32)"))
     run_dir: str | None = None
-    workers: int = Field(1, gt=0, description="episodes per round, their policies scored in parallel (1: in this process)")
+    workers: int = Field(1, gt=0, description="episodes per round, scored in parallel (1: in this process)")
     backend: Literal["local", "ray"] = Field("local", description="where workers run: local processes or Ray actors")
     worker_threads: int | None = Field(None, gt=0, description="torch threads per worker (default: cores / workers)")
     worker_timeout: float = Field(600.0, gt=0, description=(

@@ -142,6 +142,19 @@ def _serve(pipe: Connection, raw: dict, source: str, threads: int, gpu: int | No
             pass
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How local workers start: never by forking the search process (its threads, its CUDA state).
+
+    A fork server (a fresh process) imports torch and amc once, then forks each worker from
+    itself, so a worker does not import them again. Where there is none (Windows): spawn.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 class LocalWorkers:
     """N spawned processes on this machine, one pipe each; a round sends job i to worker i.
 
@@ -150,7 +163,7 @@ class LocalWorkers:
     """
 
     def __init__(self, cfg: Config, workers: int, threads: int, gpus: int = 0, timeout: float = 600.0):
-        context = multiprocessing.get_context("spawn")  # fork would copy the search's threads and CUDA state
+        context = worker_context()
         self.timeout = timeout
         self.processes: list[multiprocessing.Process] = []
         self.pipes: list[Connection] = []
@@ -177,7 +190,8 @@ class LocalWorkers:
             try:
                 self.pipes[index].send((episode, list(keep)))
             except OSError:
-                raise self._fail(index, f"died (exit code {self._exitcode(index)}) before scoring episode {episode}") from None
+                code = self._exitcode(index)
+                raise self._fail(index, f"died (exit code {code}) before scoring episode {episode}") from None
         return self._collect({index: episode for index, (episode, _) in enumerate(jobs)}, "scoring episode",
                              self.timeout)
 
@@ -363,6 +377,6 @@ def run_jobs(fn: Callable, jobs: Sequence[tuple], backend: str = "local", worker
             yield fn(*job)
         return
     threads = threads or split_threads(workers)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=worker_context()) as pool:
         for future in as_completed([pool.submit(_run, fn, threads, None, *job) for job in jobs]):
             yield future.result()
