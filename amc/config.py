@@ -164,6 +164,11 @@ class SearchConfig(Section):
         "precision of reward evaluations; auto: the fastest the hardware runs natively that passes the fidelity "
         "check against fp32 (results users read are always fp32)"))
     run_dir: str | None = None
+    workers: int = Field(1, gt=0, description="episodes per round, scored in parallel (1: in this process)")
+    backend: Literal["local", "ray"] = Field("local", description="where workers run: local processes or Ray actors")
+    worker_threads: int | None = Field(None, gt=0, description="torch threads per worker (default: cores / workers)")
+    worker_timeout: float = Field(600.0, gt=0, description=(
+        "seconds a worker may take to score one policy (to start: at least 300) before the search stops, resumably"))
 
     @model_validator(mode="after")
     def _bounds(self) -> "SearchConfig":
@@ -218,6 +223,10 @@ class LatencyConfig(Section):
     repeats: int = Field(20, gt=0, description="timed samples; the median is reported")
 
 
+class RayConfig(Section):
+    address: str | None = Field(None, description="a Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+
+
 class Config(Section):
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "auto"
@@ -228,6 +237,7 @@ class Config(Section):
     agent: AgentConfig = Field(default_factory=AgentConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     source: str = Field("<memory>", exclude=True, description="the file this config came from")
     overrides: list[str] = Field(default_factory=list, exclude=True, description="the --set KEY=VALUE applied")
 

@@ -14,6 +14,7 @@ from torch import nn
 from amc.checkpoint import BASE_FORMAT, PRUNED_FORMAT, load_model, save_checkpoint
 from amc.config import EVAL_SPLITS, EXPORT_SETTABLE, Config, config_from_dict, parse_override, run_dir_for
 from amc.data import split_signature
+from amc.distributed import launched
 from amc.errors import UserError
 from amc.export import export_onnx, measure, prune_policy, save_pruned
 from amc.factory import Workspace, seed_everything
@@ -153,7 +154,8 @@ def finetune_model(model: nn.Module, ws: Workspace, plan: dict, epochs: int | No
         unfold_batchnorm(model, folded, torch.cat([x for x, _ in batches]).to(ws.device))
     fit(model, loader, f.epochs if epochs is None else epochs, f.lr, f.momentum,
         f.weight_decay, teacher=ws.base_model if use_distill else None, temperature=f.temperature,
-        distill_weight=f.distill_weight, desc="finetune", progress=progress, masks=masks, loss_fn=ws.loss)
+        distill_weight=f.distill_weight, desc="finetune", progress=progress, masks=masks, loss_fn=ws.loss,
+        seed=ws.cfg.seed)
     if folded:
         refold_batchnorm(model, folded)
     return model.eval()
@@ -169,12 +171,19 @@ def finetune(path: Path, cfg: Config, epochs: int | None = None, distill: bool |
 def finetune_file(path: Path, ws: Workspace, epochs: int | None = None, distill: bool | None = None,
                   out: Path | None = None, progress: bool = True,
                   splits: tuple[str, ...] = ("reward_val", "test")) -> tuple[Path, dict]:
-    """``finetune`` in a workspace already built; the result is measured on ``splits``."""
-    model, data = load_for_config(path, ws, (PRUNED_FORMAT,))
-    model.to(ws.device)
-    finetune_model(model, ws, data["plan"], epochs, distill, progress)
-    metrics = measure(model, ws, splits)
+    """``finetune`` in a workspace already built; the result is measured on ``splits``.
+
+    Under ``torchrun --nproc_per_node K`` the K processes train data-parallel; rank 0 measures
+    and writes the checkpoint, the other ranks return empty metrics.
+    """
     out = out or path.with_name(path.stem + "_ft.pt")
+    with launched(ws.device) as rank:
+        model, data = load_for_config(path, ws, (PRUNED_FORMAT,))
+        model.to(ws.device)
+        finetune_model(model, ws, data["plan"], epochs, distill, progress and rank == 0)
+    if rank:
+        return out, {}
+    metrics = measure(model, ws, splits)
     save_pruned(out, ws.spec, ws.input_shape, model, data["plan"], metrics)
     return out, metrics
 

@@ -1,13 +1,17 @@
-"""The search run: AMC's episode loop, its run directory, and exact resume.
+"""The search run: AMC's episode loop in rounds, its run directory, and exact resume.
 
-Read top to bottom, one episode is: reset the env, let the agent answer every unit's state
-(uniform random during warmup, then actor + truncated-normal noise), store the transitions
-(they all receive the episode's final reward), decay the noise, take one gradient step per
-transition, then append the episode's row, keep the best policy and save the agent.
+A round is ``search.workers`` episodes (1 by default: AMC's serial loop). Read top to bottom,
+one round is: the agent walks each episode's units in turn (uniform random during warmup, then
+actor + truncated-normal noise whose sigma decays per episode); the round's final policies are
+scored together, in this process or by parallel workers (``amc.parallel``); every episode's
+transitions are stored in episode order (they all receive the episode's final reward); the
+agent takes one gradient step per transition of each post-warmup episode; then each episode's
+row is appended, the best policy kept, and the agent saved once for the round.
 
-Crash safety: the row is appended before the agent checkpoint is replaced, so after a kill
-the checkpoint is never ahead of episodes.csv; resume trims rows past the checkpoint's episode
-count and replays those episodes, which are deterministic given the saved RNG states.
+Crash safety: a round's rows are appended only once all its policies are scored, and before the
+agent checkpoint is replaced, so after a kill the checkpoint is never ahead of episodes.csv;
+resume trims rows past the checkpoint's episode count and replays those rounds, which are
+deterministic given the saved RNG states.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import io
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -26,11 +31,12 @@ from tqdm.auto import tqdm
 from amc.agents import AMCDDPG, rng_state, set_rng_state
 from amc.checkpoint import AGENT_FORMAT, load_checkpoint, save_checkpoint
 from amc.config import Config, config_from_dict, read_yaml
-from amc.envs import run_episode
+from amc.envs import Episode, walk
 from amc.errors import UserError
 from amc.factory import Workspace, seed_everything
 from amc.fidelity import check_fidelity
 from amc.files import atomic_write_json, atomic_write_text
+from amc.parallel import Backend, WorkerError, open_backend
 
 CONFIG_FILE = "config.yaml"
 EPISODES_FILE = "episodes.csv"
@@ -38,6 +44,10 @@ BEST_FILE = "best_policy.json"
 AGENT_FILE = "agent.pt"
 FIDELITY_FILE = "fidelity.json"
 MIN_FREE_BYTES = 64 * 2**20
+# What may change when a run is continued: its length, and where its scoring runs (a worker that
+# timed out may need a longer timeout; a run may move to a machine with more cores or a cluster).
+RESUMABLE = ("search.episodes", "search.workers", "search.backend", "search.worker_threads",
+             "search.worker_timeout", "ray.address")
 METRIC_COLUMNS = ["episode", "reward", "error", "cost_ratio", "macs_ratio", "params_ratio", "latency_ms_ratio",
                   "sigma", "seconds", "calibrate_seconds", "eval_seconds"]
 
@@ -70,7 +80,7 @@ def check_writable(run_dir: Path) -> None:
 
 
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
-    """The config a run was started with; only ``search.episodes`` may be changed on resume."""
+    """The config a run was started with; only ``RESUMABLE`` fields may be changed on resume."""
     path = run_dir / CONFIG_FILE
     if not run_dir.is_dir():
         raise UserError("no such run directory", where=str(run_dir))
@@ -86,10 +96,11 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config
 
 
 def refuse_changes(old: dict, new: dict, where: Path) -> None:
-    diffs = [d for d in config_differences(old, new) if d != "search.episodes"]
+    diffs = [d for d in config_differences(old, new) if d not in RESUMABLE]
     if diffs:
-        raise UserError(f"config differs from the run's in {', '.join(diffs)}; only search.episodes may change "
-                        f"on resume (start a new run directory instead)", where=str(where))
+        raise UserError(f"config differs from the run's in {', '.join(diffs)}; only search.episodes and where "
+                        f"the scoring runs ({', '.join(RESUMABLE[1:])}) may change on resume "
+                        f"(start a new run directory instead)", where=str(where))
 
 
 def _trim_rows(path: Path, header: list[str], keep: int) -> None:
@@ -113,15 +124,65 @@ def _format(value) -> str:
     return "" if value is None else (repr(float(value)) if isinstance(value, float) else str(value))
 
 
+@dataclass
+class Proposal:
+    """One episode of a round: the policy walked and the exploration it was walked with."""
+
+    episode: int
+    warmup: bool
+    sigma: float
+    played: Episode
+
+
+def propose(agent: AMCDDPG, env, episodes: range, warmup_episodes: int) -> list[Proposal]:
+    """Walk one policy per episode, drawing from the agent's RNGs in episode order.
+
+    Uniform random during warmup, else the actor's output plus noise; sigma decays after every
+    episode, so the N policies of a round explore with N successive sigmas as N serial episodes would.
+    """
+    proposals = []
+    for episode in episodes:
+        warmup = episode < warmup_episodes
+        sigma = agent.noise.sigma
+        played = walk(env, lambda obs: agent.act(obs, warmup))  # noqa: B023 (called at once)
+        proposals.append(Proposal(episode, warmup, sigma, played))
+        agent.noise.reset()
+    return proposals
+
+
+def episode_metrics(p: Proposal, seconds: float, num_units: int) -> tuple[dict, list]:
+    """The episode's row values and its per-unit ratios."""
+    info, timings = p.played.info, p.played.info.get("timings", {})
+    metrics = {"episode": p.episode, "reward": p.played.reward, "error": info.get("error", 1.0),
+               "cost_ratio": info.get("cost_ratio"), "macs_ratio": info.get("macs_ratio"),
+               "params_ratio": info.get("params_ratio"), "latency_ms_ratio": info.get("latency_ms_ratio"),
+               "sigma": p.sigma, "seconds": seconds,
+               "calibrate_seconds": timings.get("calibrate", 0.0) + timings.get("reconstruct", 0.0),
+               "eval_seconds": timings.get("eval", 0.0)}
+    return metrics, info.get("ratios", [None] * num_units)
+
+
+def better(best: dict | None, p: Proposal, cfg: Config, env) -> dict | None:
+    """The new best policy if episode ``p`` is within budget and beats ``best``, else None."""
+    info, reward = p.played.info, p.played.reward
+    within = cfg.search.protocol == "accuracy" or (
+        info.get("cost_ratio") is not None and info["cost_ratio"] <= cfg.search.target + 1e-9)
+    if not within or "keep" not in info or (best is not None and reward <= best["reward"]):
+        return None
+    return {"episode": p.episode, "reward": reward, "error": info["error"], **policy_record(env, info["keep"], cfg)}
+
+
 def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
-           workspace: Workspace | None = None) -> dict:
-    """Run (or continue) the search to ``cfg.search.episodes`` episodes; return the best policy.
+           workspace: Workspace | None = None, backend: Backend | None = None) -> dict:
+    """Run (or continue) the search to ``cfg.search.episodes`` episodes, then choose the run's answer.
 
     ``workspace``: one built from ``cfg`` with objects given from Python (``amc.compress``).
+    ``backend`` replaces the scoring backend the config asks for (the caller then closes it).
     """
-    config_path, csv_path, agent_path = run_dir / CONFIG_FILE, run_dir / EPISODES_FILE, run_dir / AGENT_FILE
+    config_path, agent_path = run_dir / CONFIG_FILE, run_dir / AGENT_FILE
     if agent_path.exists():  # every caller (CLI, `amc run`, benchmarks, the API) passes through here
-        old = read_yaml(config_path) if config_path.is_file() else {}
+        # validated, so fields added since the run started compare as their defaults
+        old = config_from_dict(read_yaml(config_path), str(config_path)).to_dict() if config_path.is_file() else {}
         refuse_changes(old, cfg.to_dict(), config_path)
         if not resume:
             raise UserError(f"already holds a search; continue it with `amc search --resume {run_dir}` "
@@ -130,14 +191,41 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
     seed_everything(cfg.seed)
     workspace = workspace or Workspace(cfg)
     env = workspace.env()  # every input problem (model, data, budget) surfaces here, before any file is written
-    check_writable(run_dir)
-    check_fidelity(env, run_dir / FIDELITY_FILE)  # reward precision: reduced where it ranks as fp32 does
+    fidelity = check_fidelity(env)  # reward precision: reduced where it ranks as fp32 does
+    # workers score at the precision the check chose; a backend that cannot start fails before any
+    # file is written, and starting Ray may draw from the global RNGs, so before the agent is seeded
+    scoring = backend or open_backend(with_precision(cfg, env.scorer.precision), env, workspace.device)
+    try:
+        check_writable(run_dir)
+        atomic_write_json(run_dir / FIDELITY_FILE, fidelity)
+        _rounds(cfg, run_dir, resume, progress, workspace, env, scoring)
+    except WorkerError as exc:
+        saved = int(load_checkpoint(agent_path, AGENT_FORMAT)["episodes"]) if agent_path.is_file() else 0
+        raise WorkerError(f"{exc}; the run keeps its first {saved} episodes: continue it with "
+                          f"`amc search --resume {run_dir}`", where=str(run_dir)) from None
+    finally:
+        if backend is None:
+            scoring.close()
+    answer = choose_answer(workspace, env, run_dir, progress)
+    atomic_write_json(run_dir / BEST_FILE, answer)
+    return answer
+
+
+def with_precision(cfg: Config, precision: str) -> Config:
+    """``cfg`` with the reward precision fixed (what the fidelity check chose in the main process)."""
+    return cfg.model_copy(update={"search": cfg.search.model_copy(update={"precision": precision})})
+
+
+def _rounds(cfg: Config, run_dir: Path, resume: bool, progress: bool, workspace: Workspace, env,
+            scoring: Backend) -> None:
+    """The search loop proper: rounds of ``search.workers`` episodes, recorded in episode order."""
+    csv_path, agent_path = run_dir / EPISODES_FILE, run_dir / AGENT_FILE
     agent_seed = cfg.seed if cfg.agent.seed is None else cfg.agent.seed  # the data split keeps cfg.seed
     seed_everything(agent_seed)
     agent = AMCDDPG(env, cfg.agent, env.num_units, seed=agent_seed, device=str(workspace.device))
     header = METRIC_COLUMNS + env.space.names
     start, best = 0, None
-    if resume and agent_path.is_file():  # killed before the first episode ended: start over
+    if resume and agent_path.is_file():  # killed before the first round ended: start over
         state = load_checkpoint(agent_path, AGENT_FORMAT)
         agent.load_state_dict(state["agent"])
         set_rng_state(state["rng"])
@@ -146,48 +234,42 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
             raise UserError(f"the run already has {start} episodes; ask for at least that many "
                             f"(search.episodes is {cfg.search.episodes})", where=str(run_dir))
     _trim_rows(csv_path, header, start)
-    atomic_write_text(config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if best is not None:
         atomic_write_json(run_dir / BEST_FILE, best)
 
-    total = cfg.search.episodes
+    total, workers = cfg.search.episodes, cfg.search.workers
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=start)
     bar = tqdm(total=total, initial=start, desc="search", disable=not progress, dynamic_ncols=True)
     try:
-        for episode in range(start, total):
+        for first in range(start, total, workers):
             began = time.perf_counter()
-            warmup = episode < cfg.agent.warmup_episodes
-            played = run_episode(env, lambda obs: agent.act(obs, warmup))
-            for transition in played.transitions:
-                agent.store(*transition)
-            reward, info = played.reward, played.info
-            sigma = agent.noise.sigma  # the sigma this episode explored with
-            agent.noise.reset()
-            if not warmup:
-                agent.learn_episode()
+            proposals = propose(agent, env, range(first, min(first + workers, total)), cfg.agent.warmup_episodes)
+            scored = scoring.score([(p.episode, p.played.keep) for p in proposals if p.played.keep is not None])
+            for p in proposals:
+                if p.played.reward is None:
+                    p.played.score(*scored[p.episode])
+                for transition in p.played.transitions:
+                    agent.store(*transition)
+            for p in proposals:
+                if not p.warmup:
+                    agent.learn_episode()
 
-            ratios = info.get("ratios", [None] * env.num_units)
-            timings = info.get("timings", {})
-            metrics = {"episode": episode, "reward": reward, "error": info.get("error", 1.0),
-                       "cost_ratio": info.get("cost_ratio"), "macs_ratio": info.get("macs_ratio"),
-                       "params_ratio": info.get("params_ratio"), "latency_ms_ratio": info.get("latency_ms_ratio"),
-                       "sigma": sigma, "seconds": time.perf_counter() - began,
-                       "calibrate_seconds": timings.get("calibrate", 0.0) + timings.get("reconstruct", 0.0),
-                       "eval_seconds": timings.get("eval", 0.0)}
-            _append_row(csv_path, [_format(metrics[c]) for c in METRIC_COLUMNS] + [_format(r) for r in ratios])
-            for name in ("reward", "error", "cost_ratio"):
-                if metrics[name] is not None:
-                    writer.add_scalar(f"episode/{name}", metrics[name], episode)
-
-            within = cfg.search.protocol == "accuracy" or (
-                info.get("cost_ratio") is not None and info["cost_ratio"] <= cfg.search.target + 1e-9)
-            if within and "keep" in info and (best is None or reward > best["reward"]):
-                best = {"episode": episode, "reward": reward, "error": info["error"],
-                        **policy_record(env, info["keep"], cfg)}
+            seconds = (time.perf_counter() - began) / len(proposals)  # the rows' seconds sum to the wall time
+            improved = False
+            for p in proposals:
+                metrics, ratios = episode_metrics(p, seconds, env.num_units)
+                _append_row(csv_path, [_format(metrics[c]) for c in METRIC_COLUMNS] + [_format(r) for r in ratios])
+                for name in ("reward", "error", "cost_ratio"):
+                    if metrics[name] is not None:
+                        writer.add_scalar(f"episode/{name}", metrics[name], p.episode)
+                if (candidate := better(best, p, cfg, env)) is not None:
+                    best, improved = candidate, True
+            if improved:
                 atomic_write_json(run_dir / BEST_FILE, best)
             save_checkpoint(agent_path, AGENT_FORMAT, {
-                "agent": agent.state_dict(), "rng": rng_state(), "episodes": episode + 1, "best": best})
-            bar.update()
+                "agent": agent.state_dict(), "rng": rng_state(), "episodes": proposals[-1].episode + 1, "best": best})
+            bar.update(len(proposals))
             if best is not None:
                 bar.set_postfix(best=f"{best['reward']:.4f}", error=f"{best['error']:.3f}")
     finally:
@@ -195,9 +277,6 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
         writer.close()
     if best is None:
         raise UserError("no episode met the budget", where=str(run_dir))
-    answer = choose_answer(workspace, env, run_dir, progress)
-    atomic_write_json(run_dir / BEST_FILE, answer)
-    return answer
 
 
 def policy_record(env, keep: list[int], cfg: Config) -> dict:

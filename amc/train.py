@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 
 from amc.data import to_device
 
+from amc.distributed import data_parallel, shuffle_epoch
+
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton et al.'s soft-target loss, scaled by T^2 so its gradients match the hard loss."""
@@ -27,16 +29,18 @@ def fit(
     weight_decay: float = 5e-4, label_smoothing: float = 0.0, teacher: nn.Module | None = None,
     temperature: float = 4.0, distill_weight: float = 0.9, desc: str = "train",
     progress: bool = True, masks: dict[str, torch.Tensor] | None = None,
-    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, seed: int = 0,
 ) -> nn.Module:
     """SGD with a cosine schedule over ``epochs``; with ``teacher``, knowledge distillation.
 
     The loss is ``(1 - w) * CE + w * KD`` when distilling, plain cross-entropy otherwise;
     ``loss_fn(outputs, targets)`` replaces cross-entropy (another task than classification).
     ``masks`` (parameter name -> 0/1 tensor) are re-applied after every step, so weights that
-    fine-grained pruning removed stay zero.
+    fine-grained pruning removed stay zero. Under ``torchrun`` (``amc.distributed.launched``) the
+    model trains data-parallel, each process on its shard of ``loader`` (shuffled with ``seed``).
     """
     device = next(model.parameters()).device
+    net, loader = data_parallel(model, loader, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay, nesterov=momentum > 0)
     steps = max(1, epochs * len(loader))
@@ -46,10 +50,11 @@ def fit(
     masked = [(p, masks[n].to(p)) for n, p in model.named_parameters() if n in masks] if masks else []
     bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
     for epoch in range(epochs):
+        shuffle_epoch(loader, epoch)
         model.train()
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), to_device(y, device)
-            logits = model(x)
+            logits = net(x)
             if loss_fn is None:
                 loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
             else:

@@ -100,19 +100,30 @@ class PruningEnv(gym.Env):
             count = max(min(count, limit), choice.floor)
         return count
 
-    def step(self, action):
+    def advance(self, action) -> tuple[np.ndarray, float | None, bool, dict]:
+        """``step`` without the final scoring: ``(obs, reward, done, info)``.
+
+        ``reward`` is 0.0 before the last unit, the worst reward after a non-finite action, and
+        None once the last unit is answered: ``self.keep`` then awaits ``evaluate``, here or in a
+        scoring worker (the parallel search walks a round's policies first, then scores them).
+        """
         value = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
         if not math.isfinite(value):
             warnings.warn(f"non-finite action {value} at unit {len(self.keep)}: episode ends with the worst reward")
-            return self._observation(), self.worst_reward(), True, False, {"nonfinite": True}
+            return self._observation(), self.worst_reward(), True, {"nonfinite": True}
         self.keep.append(self.preserve_count(value))
         if len(self.keep) < self.num_units:
-            return self._observation(), 0.0, False, False, {}
+            return self._observation(), 0.0, False, {}
         if self.fill:
             self.keep = fill_budget(self.keep, self.space.sizes, self.ceiling, [c.step for c in self.choices],
                                     self.space.cost, self.budget)
-        reward, info = self.evaluate(self.keep)
-        return self._observation(), reward, True, False, info
+        return self._observation(), None, True, {}
+
+    def step(self, action):
+        obs, reward, done, info = self.advance(action)
+        if reward is None:
+            reward, info = self.evaluate(self.keep)
+        return obs, reward, done, False, info
 
     def worst_reward(self) -> float:
         return self.reward_fn(1.0, self.full_measures[self.space.reward_measure])
@@ -162,22 +173,47 @@ def _left_whole(space: Space) -> str:
 
 @dataclass
 class Episode:
-    """One walk over every unit: its transitions (obs, next_obs, action, reward, done), final reward and info."""
+    """One walk over every unit: its transitions (obs, next_obs, action, reward, done), final reward and info.
 
-    transitions: list[tuple[np.ndarray, np.ndarray, np.ndarray, float, bool]] = field(default_factory=list)
-    reward: float = 0.0
+    A walked but unscored episode has ``reward`` None and the ``keep`` counts to score; ``score``
+    completes it (its last transition carries the final reward, which the buffer gives every step).
+    """
+
+    transitions: list[tuple[np.ndarray, np.ndarray, np.ndarray, float | None, bool]] = field(default_factory=list)
+    reward: float | None = None
     info: dict = field(default_factory=dict)
+    keep: list[int] | None = None
+
+    def score(self, reward: float, info: dict) -> None:
+        obs, next_obs, action, _, done = self.transitions[-1]
+        self.transitions[-1] = (obs, next_obs, action, reward, done)
+        self.reward, self.info = reward, info
 
 
-def run_episode(env: PruningEnv, act: Callable[[np.ndarray], np.ndarray]) -> Episode:
-    """Reset ``env`` and answer every state with ``act(obs)`` until the episode ends."""
+def walk(env: PruningEnv, act: Callable[[np.ndarray], np.ndarray]) -> Episode:
+    """Reset ``env`` and answer every state with ``act(obs)``, leaving the final scoring undone.
+
+    The result's ``keep`` awaits ``env.evaluate`` (or a scoring worker); an episode that a
+    non-finite action ended already has its (worst) reward and no ``keep``.
+    """
     episode = Episode()
     obs, _ = env.reset()
     done = False
     while not done:
         action = act(obs)
-        next_obs, reward, done, _, info = env.step(action)
+        next_obs, reward, done, info = env.advance(action)
         episode.transitions.append((obs, next_obs, action, reward, done))
         obs = next_obs
-    episode.reward, episode.info = reward, info
+    if reward is None:
+        episode.keep = list(env.keep)
+    else:
+        episode.reward, episode.info = reward, info
+    return episode
+
+
+def run_episode(env: PruningEnv, act: Callable[[np.ndarray], np.ndarray]) -> Episode:
+    """Walk ``env`` with ``act`` and score the policy in this process."""
+    episode = walk(env, act)
+    if episode.reward is None:
+        episode.score(*env.evaluate(episode.keep))
     return episode

@@ -15,6 +15,10 @@ was trained with.
 writes OUT/results.json (one record per method x target x seed; finished records are skipped,
 so an interrupted benchmark resumes) and OUT/results.md: mean ± standard deviation over seeds,
 and each searched method's paired difference to the best rule with its 95% interval.
+The (method, target, seed) jobs are independent: ``--workers N`` runs N at once in local
+processes, ``--backend ray`` on Ray tasks (a cluster: ``RAY_ADDRESS`` or ``--ray-address``; OUT,
+the config's checkpoint and data must be at the same paths on every node). A search inside a
+job still scores with ``search.workers``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from amc.export import measure, prune_policy
 from amc.factory import Workspace, seed_everything
 from amc.files import atomic_write_json, atomic_write_text
 from amc.metrics import accuracy
+from amc.parallel import run_jobs
 from amc.pipeline import finetune_model
 from amc.report import plot_policy, table
 from amc.search import read_episodes, search
@@ -155,6 +160,27 @@ def paired_difference(values: list[float], rule: float, rule_name: str) -> str:
     return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] ({rule_name})"
 
 
+def recorded(path: Path) -> set[tuple]:
+    return {(r["method"], r["target"], r["seed"]) for r in read_records(path)}
+
+
+def run_job(args: argparse.Namespace, method: str, target: float, seed: int) -> dict | None:
+    """One (method, target, seed): its policy, exported, measured and fine-tuned; appended to the results.
+
+    None when another benchmark process sharing the results file has recorded it meanwhile.
+    """
+    if (method, target, seed) in recorded(args.out / "results.json"):
+        return None
+    cfg = configure(args, method, target, seed, args.out)
+    workspace = Workspace(cfg)
+    epochs = cfg.finetune.epochs if args.finetune_epochs is None else args.finetune_epochs
+    keep, found = policy_for(method, cfg, workspace)
+    record = {"method": method, "target": target, "seed": seed, "keep": keep, "finetune_epochs": epochs,
+              **found, **evaluate(cfg, keep, workspace, epochs)}
+    append_record(args.out / "results.json", record)
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
@@ -165,23 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune-epochs", type=int, help="default: the config's finetune.epochs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--workers", type=int, default=1, help="jobs run at once (1: one after another in this process)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local worker processes, or Ray tasks (RAY_ADDRESS or --ray-address joins a cluster)")
+    p.add_argument("--threads", type=int, help="torch threads per job (default: cores / workers)")
+    p.add_argument("--ray-address")
     args = p.parse_args(argv)
 
     results_path = args.out / "results.json"
     args.out.mkdir(parents=True, exist_ok=True)
-    for target in args.targets:
-        for method in args.methods:
-            for seed in args.seeds if method in SEARCHED else args.seeds[:1]:  # rules are deterministic
-                if (method, target, seed) in {(r["method"], r["target"], r["seed"]) for r in read_records(results_path)}:
-                    continue
-                cfg = configure(args, method, target, seed, args.out)
-                workspace = Workspace(cfg)
-                epochs = cfg.finetune.epochs if args.finetune_epochs is None else args.finetune_epochs
-                keep, found = policy_for(method, cfg, workspace)
-                record = {"method": method, "target": target, "seed": seed, "keep": keep, "finetune_epochs": epochs,
-                          **found, **evaluate(cfg, keep, workspace, epochs)}
-                append_record(results_path, record)
-                print(json.dumps({k: v for k, v in record.items() if k != "keep"}), flush=True)
+    done = recorded(results_path)
+    jobs = [(args, method, target, seed) for target in args.targets for method in args.methods
+            for seed in (args.seeds if method in SEARCHED else args.seeds[:1])  # rules are deterministic
+            if (method, target, seed) not in done]
+    for record in run_jobs(run_job, jobs, args.backend, args.workers, args.threads, args.ray_address):
+        if record is not None:
+            print(json.dumps({k: v for k, v in record.items() if k != "keep"}), flush=True)
     markdown = summarize(read_records(results_path))
     atomic_write_text(args.out / "results.md", markdown + "\n")
     print(markdown)

@@ -86,3 +86,16 @@ def test_quantize_benchmark_compares_search_uniform_and_sensitivity(demo_raw, tm
     for r in records:
         assert r["weight_bytes"] <= 0.1 * full_bytes and r["test_top1_after_ft"] > 0.5
     assert "weights (KB)" in (tmp_path / "bench" / "results.md").read_text()
+
+
+def test_benchmark_jobs_on_two_local_workers_give_the_serial_records(demo_raw, tmp_path):
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    jobs = ("--seeds", "0", "--methods", "amc", "uniform", "--finetune-epochs", "1")
+    serial = run(config, tmp_path / "serial", *jobs)
+    parallel = run(config, tmp_path / "parallel", *jobs, "--workers", "2")
+    same = ("method", "seed", "keep", "select_top1_before_ft", "test_top1_before_ft", "test_top1_after_ft")
+
+    def ordered(records: list[dict]) -> list[dict]:
+        return sorted(({k: r[k] for k in same} for r in records), key=lambda r: r["method"])
+
+    assert ordered(parallel) == ordered(serial)

@@ -125,10 +125,13 @@ def wait_for_rows(csv_path: Path, count: int, process: subprocess.Popen, timeout
     raise AssertionError("search too slow")
 
 
-def test_sigkill_at_several_points_then_resume_matches_uninterrupted(demo_raw, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_at_several_points_then_resume_matches_uninterrupted(demo_raw, tmp_path, workers):
     """One search killed with SIGKILL as soon as its run dir exists, during warmup and while
-    learning; each time resumed with the real CLI; the result equals an uninterrupted run."""
+    learning; each time resumed with the real CLI; the result equals an uninterrupted run.
+    With 2 workers the search runs in rounds of 2 scored by worker processes, resumed per round."""
     demo_raw["search"]["episodes"] = 20
+    demo_raw["search"]["workers"] = workers
     reference = config_from_dict({**demo_raw, "search": {**demo_raw["search"], "run_dir": str(tmp_path / "ref")}})
     search(reference, tmp_path / "ref", progress=False)
 
