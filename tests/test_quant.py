@@ -135,17 +135,22 @@ def test_every_episode_meets_the_budget_and_the_cost_is_exact(demo_raw, tmp_path
     print(search, "cost ratios", [round(r, 4) for r in ratios])
 
 
-def test_quantize_search_export_load_eval(demo_raw, tmp_path, capsys):
-    raw, config = configured(demo_raw, tmp_path, **QUANTIZE, episodes=4)
-    raw["agent"]["warmup_episodes"] = 2
+def search_and_export(demo_raw, tmp_path, capsys, settings: dict, episodes: int, warmup: int, *export_args: str):
+    """A short search and its export through the CLI: (raw config, config path, run dir, export's JSON)."""
+    raw, config = configured(demo_raw, tmp_path, **settings, episodes=episodes)
+    raw["agent"]["warmup_episodes"] = warmup
     write_config(config, raw)
     assert main(["search", str(config)]) == 0
     run_dir = Path(raw["search"]["run_dir"])
+    assert main(["export", str(run_dir), *export_args]) == 0
+    return raw, config, run_dir, json.loads(capsys.readouterr().out.splitlines()[-1])
+
+
+def test_quantize_search_export_load_eval(demo_raw, tmp_path, capsys):
+    raw, config, run_dir, exported = search_and_export(demo_raw, tmp_path, capsys, QUANTIZE, 4, 2)
     best = json.loads((run_dir / "best_policy.json").read_text())
     assert best["mode"] == "quantize" and best["cost_ratio"] <= 0.125
     assert best["units"][0] == "features.0:weight" and all(2 <= b <= 8 for b in best["keep"])
-    assert main(["export", str(run_dir)]) == 0
-    exported = json.loads(capsys.readouterr().out.splitlines()[-1])
 
     data = torch.load(run_dir / "pruned.pt", weights_only=True)
     assert data["plan"]["kind"] == "quantize"
@@ -171,14 +176,8 @@ def test_quantize_search_export_load_eval(demo_raw, tmp_path, capsys):
 
 
 def test_joint_export_onnx_and_quantization_aware_finetuning(demo_raw, tmp_path, capsys):
-    raw, config = configured(demo_raw, tmp_path, **JOINT, episodes=3)
-    raw["agent"]["warmup_episodes"] = 3
-    write_config(config, raw)
-    assert main(["search", str(config)]) == 0
-    run_dir = Path(raw["search"]["run_dir"])
     onnx_path = tmp_path / "joint.onnx"
-    assert main(["export", str(run_dir), "--onnx", str(onnx_path)]) == 0
-    exported = json.loads(capsys.readouterr().out.splitlines()[-1])
+    raw, config, run_dir, exported = search_and_export(demo_raw, tmp_path, capsys, JOINT, 3, 3, "--onnx", str(onnx_path))
     full_bitops = count_macs(load_model(raw["model"]["checkpoint"])[0], SHAPE) * 32 * 32
     assert exported["bitops"] <= 0.03 * full_bitops
 
