@@ -41,6 +41,7 @@ def launched(device: torch.device) -> Iterator[int]:
         sys.stdout = open(os.devnull, "w")
     try:
         yield rank
+        dist.barrier()  # every rank done with its collectives before any tears the group down
     finally:
         dist.destroy_process_group()
 
