@@ -71,6 +71,9 @@ class DataConfig(Section):
     select_size: int = Field(0, ge=0, description=(
         "images held out of the training split (disjoint from reward-val) to choose the run's answer "
         "among the best policies and the rules; 0: choose on reward-val"))
+    reward_images: int | None = Field(None, gt=0, description=(
+        "score policies on the first N reward-val images (default: all): faster episodes, noisier rewards; "
+        "the rest stay held out, so the base model's split is unchanged"))
     batch_size: int = Field(128, gt=0)
     eval_batch_size: int | Literal["auto"] = Field(
         "auto", description="batch size of evaluation passes; auto: the fastest, measured per model for rewards")
@@ -207,6 +210,8 @@ class AgentConfig(Section):
 
 class FinetuneConfig(Section):
     epochs: int = Field(10, ge=0)
+    max_steps: int | None = Field(None, gt=0, description=(
+        "stop after this many SGD steps (the cosine schedule ends there); default: all of the epochs"))
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)

@@ -8,6 +8,7 @@ and everything downstream (search, selection, export, fine-tuning) is the same c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import numbers
 import random
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from amc.calibration import Repair
 from amc.checkpoint import load_state, read_weights
@@ -106,9 +108,12 @@ class Workspace:
 
     @cached_property
     def splits(self) -> DataSplits:
-        if self.data is not None:
-            return self.data
-        return load_splits(self.cfg.data, self.cfg.seed, self._preprocessing())
+        splits = self.data if self.data is not None else load_splits(self.cfg.data, self.cfg.seed,
+                                                                     self._preprocessing())
+        n = self.cfg.data.reward_images
+        if n is not None and n < len(splits.reward_val):
+            splits = dataclasses.replace(splits, reward_val=Subset(splits.reward_val, range(n)))
+        return splits
 
     def _preprocessing(self) -> ImagePreprocessing | None:
         """The pretrained weights' preprocessing, for an image folder (the other built-in sets have their own)."""
@@ -300,7 +305,7 @@ class Workspace:
         try:
             return Scorer(model, reward, repair, s.reward_metric, s.precision, batch_size,
                           evaluate=None if self.evaluate is None else self.metric,
-                          fast_path=s.mode not in ("quantize", "joint"))
+                          fold=s.mode not in ("quantize", "joint"))
         except UserError as exc:
             raise UserError(str(exc), where=self.cfg.source) from None
 

@@ -155,7 +155,7 @@ def finetune_model(model: nn.Module, ws: Workspace, plan: dict, epochs: int | No
     fit(model, loader, f.epochs if epochs is None else epochs, f.lr, f.momentum,
         f.weight_decay, teacher=ws.base_model if use_distill else None, temperature=f.temperature,
         distill_weight=f.distill_weight, desc="finetune", progress=progress, masks=masks, loss_fn=ws.loss,
-        seed=ws.cfg.seed)
+        seed=ws.cfg.seed, max_steps=f.max_steps)
     if folded:
         refold_batchnorm(model, folded)
     return model.eval()

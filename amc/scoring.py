@@ -6,8 +6,8 @@ happens inside an episode.
 The error is 1 - top-1 (or top-5) accuracy, or 1 - ``evaluate(model, batches)`` for a user's
 metric (higher is better): the resource protocol's reward ``-error`` is then ``metric - 1``.
 A user's metric runs the user's code as written (fp32): the fast path serves top-k accuracy.
-Fake-quantized models (``fast_path=False``) are scored in fp32 without folding: their BatchNorms
-are folded already and their rounding must not change precision."""
+Fake-quantized models (``fold=False``) have their BatchNorms folded already; their rounding runs
+in the reduced precision too, which the fidelity check measures like any other."""
 
 from __future__ import annotations
 
@@ -32,18 +32,18 @@ class Scorer:
     def __init__(
         self, original: nn.Module, reward_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
         repair: Repair | None = None, metric: str = "top1", precision: str = "fp32", batch_size: int | None = None,
-        evaluate: Callable[[nn.Module, Sequence], float] | None = None, fast_path: bool = True,
+        evaluate: Callable[[nn.Module, Sequence], float] | None = None, fold: bool = True,
     ):
         self.original = original
         self.repair = repair or Repair(original)
         self.metric = metric
         self.evaluate = evaluate
         self.reward_batches = list(reward_batches) if evaluate else None
-        fast_path = fast_path and evaluate is None
+        fast_path = evaluate is None
         self.candidates = candidate_precisions(precision, next(original.parameters()).device) if fast_path else []
         images = torch.cat([x for x, _ in reward_batches])
         labels = torch.cat([y for _, y in reward_batches])
-        self.fast = FastEval(images, labels, batchnorm_pairs(original) if fast_path else [], uses_channels_last(original),
+        self.fast = FastEval(images, labels, batchnorm_pairs(original) if fast_path and fold else [], uses_channels_last(original),
                              (self.candidates or ["fp32"])[0], batch_size)
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import islice
 from collections.abc import Callable
 from typing import Any
 
@@ -29,9 +30,10 @@ def fit(
     weight_decay: float = 5e-4, label_smoothing: float = 0.0, teacher: nn.Module | None = None,
     temperature: float = 4.0, distill_weight: float = 0.9, desc: str = "train",
     progress: bool = True, masks: dict[str, torch.Tensor] | None = None,
-    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, seed: int = 0,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, seed: int = 0, max_steps: int | None = None,
 ) -> nn.Module:
-    """SGD with a cosine schedule over ``epochs``; with ``teacher``, knowledge distillation.
+    """SGD with a cosine schedule over ``epochs`` (or the first ``max_steps`` steps of them, the
+    schedule then ending there); with ``teacher``, knowledge distillation.
 
     The loss is ``(1 - w) * CE + w * KD`` when distilling, plain cross-entropy otherwise;
     ``loss_fn(outputs, targets)`` replaces cross-entropy (another task than classification).
@@ -44,15 +46,20 @@ def fit(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay, nesterov=momentum > 0)
     steps = max(1, epochs * len(loader))
+    if max_steps is not None:
+        steps = min(steps, max_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     if teacher is not None:
         teacher.eval()
     masked = [(p, masks[n].to(p)) for n, p in model.named_parameters() if n in masks] if masks else []
     bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    step = 0
     for epoch in range(epochs):
+        if step == steps:
+            break
         shuffle_epoch(loader, epoch)
         model.train()
-        for x, y in loader:
+        for x, y in islice(loader, steps - step):
             x, y = x.to(device, non_blocking=True), to_device(y, device)
             logits = net(x)
             if loss_fn is None:
@@ -70,6 +77,7 @@ def fit(
                 for param, mask in masked:
                     param.mul_(mask)
             schedule.step()
+            step += 1
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
     bar.close()

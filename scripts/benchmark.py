@@ -176,7 +176,7 @@ def run_job(args: argparse.Namespace, method: str, target: float, seed: int) -> 
     epochs = cfg.finetune.epochs if args.finetune_epochs is None else args.finetune_epochs
     keep, found = policy_for(method, cfg, workspace)
     record = {"method": method, "target": target, "seed": seed, "keep": keep, "finetune_epochs": epochs,
-              **found, **evaluate(cfg, keep, workspace, epochs)}
+              "finetune_max_steps": cfg.finetune.max_steps, **found, **evaluate(cfg, keep, workspace, epochs)}
     append_record(args.out / "results.json", record)
     return record
 
