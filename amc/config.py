@@ -163,6 +163,9 @@ class SearchConfig(Section):
         "quantize / joint: also search each layer's input bit width (HAQ); otherwise inputs stay fp32"))
     reward_metric: Literal["top1", "top5"] = "top1"
     select_top_k: int = Field(10, ge=1, description="distinct best policies re-scored on the selection split")
+    select_margin: float = Field(2.0, ge=0, description=(
+        "a searched policy replaces the best rule as the answer only if it leads it on the selection split by "
+        "more than this many standard errors of their paired difference (0: the plain maximum)"))
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description=(
         "precision of reward evaluations; auto: the fastest the hardware runs natively that passes the fidelity "
         "check against fp32 (results users read are always fp32)"))

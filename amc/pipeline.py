@@ -259,6 +259,11 @@ def answer_note(answer: dict) -> str:
     rules = [c["source"] for c in selection["candidates"] if c["source"] != "search"]
     origin = (f"the search's episode {answer['episode']}" if answer["source"] == "search"
               else f"the {answer['source']} rule (it beat the search's policies)")
+    if margin := selection.get("margin"):
+        lead = (f"{100 * margin['search_lead']:.2f} points, {'not ' if margin['kept_rule'] else ''}more than "
+                f"{margin['margin']:g} x {100 * margin['paired_se']:.2f} (paired standard error)")
+        origin = (f"the {answer['source']} rule (the search's episode {margin['search_episode']} led it by {lead})"
+                  if margin["kept_rule"] else f"{origin} (it led the {margin['rule']} rule by {lead})")
     over_images = "" if noise["bootstrap_se"] is None else f"±{100 * noise['bootstrap_se']:.2f} points over images, "
     return (f"answer: {origin}, best of {searched} searched policies and {len(rules)} rules ({', '.join(rules) or 'none'}) "
             f"on the {selection['split'].replace('_', '-')} split; reward noise: {over_images}"

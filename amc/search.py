@@ -302,12 +302,14 @@ def choose_answer(workspace: Workspace, env, run_dir: Path, progress: bool = Tru
     candidates = top_policies(read_episodes(run_dir), env.space.names, env.space.sizes, cfg.search.select_top_k)
     candidates += rule_candidates(workspace)
     measure = env.space.reward_measure
-    winner = select(workspace, candidates, lambda error, keep: env.reward_fn(error, env.space.measures(keep)[measure]),
-                    split, progress)
+    winner, margin = select(workspace, candidates,
+                            lambda error, keep: env.reward_fn(error, env.space.measures(keep)[measure]),
+                            split, progress, cfg.search.select_margin)
     noise = reward_noise(workspace, winner.keep, seed=cfg.seed)
     return {"source": winner.source, "episode": winner.episode, "reward": winner.reward,
             "error": noise["reward_val_error"], **policy_record(env, winner.keep, cfg),
-            "selection": {"split": split, "metric": workspace.metric_name, "candidates": as_records(candidates)},
+            "selection": {"split": split, "metric": workspace.metric_name, "candidates": as_records(candidates),
+                          **({"margin": margin} if margin else {})},
             "noise": noise}
 
 

@@ -51,7 +51,8 @@ def test_the_answer_is_chosen_on_the_selection_split(demo_cfg, tmp_path):
     from amc.factory import Workspace
     from amc.metrics import accuracy
 
-    cfg = demo_cfg.model_copy(update={"search": demo_cfg.search.model_copy(update={"select_top_k": 4})})
+    cfg = demo_cfg.model_copy(update={"search": demo_cfg.search.model_copy(update={"select_top_k": 4,
+                                                                                  "select_margin": 0.0})})
     answer = search(cfg, tmp_path / "run", progress=False)
     candidates = answer["selection"]["candidates"]
     assert answer["selection"]["split"] == "select" and answer["selection"]["metric"] == "top1"
@@ -70,6 +71,38 @@ def test_the_answer_is_chosen_on_the_selection_split(demo_cfg, tmp_path):
     p, n = noise["reward_val_top1"], cfg.data.reward_val_size
     assert noise["bootstrap_se"] == pytest.approx((p * (1 - p) / n) ** 0.5, rel=0.3)
     assert len(noise["calibration_top1"]) == 3 and noise["calibration_spread"] >= 0
+
+
+def test_a_searched_policy_must_lead_the_best_rule_by_the_margin(demo_cfg):
+    """The margin rule: the searched policy with the best selection score is the answer only when
+    its lead over the best rule exceeds ``margin`` paired standard errors on the same images."""
+    from amc.baselines import baseline_policy
+    from amc.factory import Workspace
+    from amc.selection import Candidate, paired_standard_error, score_on_split, select
+
+    ws = Workspace(demo_cfg)
+    policies = {m: baseline_policy(demo_cfg, m, ws) for m in ("uniform", "global", "deep", "shallow", "random")}
+    hits = {m: score_on_split(ws, keep, "select") for m, keep in policies.items()}
+    ranked = sorted(policies, key=lambda m: -hits[m].mean())
+    ranked = [ranked[0]] + [m for m in ranked if hits[m].mean() < hits[ranked[0]].mean()]
+    assert len(ranked) >= 3  # the demo's rules differ on the selection split
+    top, rule = ranked[0], ranked[1]  # the best one plays a searched policy against the best rule below it
+
+    def candidates():
+        return [Candidate("search", policies[top], episode=7, reward=-0.1), Candidate(rule, policies[rule]),
+                Candidate(ranked[2], policies[ranked[2]])]
+
+    lead = hits[top].mean() - hits[rule].mean()
+    se = paired_standard_error(hits[top], hits[rule])
+    diff = hits[top] - hits[rule]
+    assert se == pytest.approx(diff.std(ddof=1) / len(diff) ** 0.5) and se > 0
+    for margin, kept_rule in ((0.0, False), (0.999 * lead / se, False), (1.001 * lead / se, True)):
+        answer, decision = select(ws, candidates(), lambda error, keep: -error, margin=margin)
+        assert answer.source == (rule if kept_rule else "search")
+        assert decision["kept_rule"] is kept_rule and decision["rule"] == rule and decision["search_episode"] == 7
+        assert decision["search_lead"] == pytest.approx(lead) and decision["paired_se"] == pytest.approx(se)
+    answer, decision = select(ws, candidates()[1:], lambda error, keep: -error, margin=100.0)
+    assert answer.source == rule and decision == {}  # a rule won outright: nothing to decide
 
 
 def test_run_files_follow_the_umask_and_no_temp_dir_is_left(demo_cfg, tmp_path, monkeypatch):
