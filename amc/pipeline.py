@@ -265,6 +265,16 @@ def answer_note(answer: dict) -> str:
         origin = (f"the {answer['source']} rule (the search's episode {margin['search_episode']} led it by {lead})"
                   if margin["kept_rule"] else f"{origin} (it led the {margin['rule']} rule by {lead})")
     over_images = "" if noise["bootstrap_se"] is None else f"±{100 * noise['bootstrap_se']:.2f} points over images, "
+    rewards = ", ".join(f"{c['source'] if c['source'] != 'search' else 'the best episode'} {c['reward']:.4f}"
+                        for c in best_rewards(selection["candidates"]))
     return (f"answer: {origin}, best of {searched} searched policies and {len(rules)} rules ({', '.join(rules) or 'none'}) "
             f"on the {selection['split'].replace('_', '-')} split; reward noise: {over_images}"
-            f"±{100 * noise['calibration_spread']:.2f} over calibration samples")
+            f"±{100 * noise['calibration_spread']:.2f} over calibration samples"
+            + (f"; the search's own reward: {rewards}" if rewards else ""))
+
+
+def best_rewards(candidates: list[dict]) -> list[dict]:
+    """The best searched candidate by reward, then each rule (whose reward older runs did not record)."""
+    searched = [c for c in candidates if c["source"] == "search"]
+    rules = [c for c in candidates if c["source"] != "search" and c.get("reward") is not None]
+    return ([max(searched, key=lambda c: c["reward"])] if searched and rules else []) + rules

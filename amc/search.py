@@ -300,7 +300,10 @@ def choose_answer(workspace: Workspace, env, run_dir: Path, progress: bool = Tru
     cfg = workspace.cfg
     split = "select" if cfg.data.select_size else "reward_val"
     candidates = top_policies(read_episodes(run_dir), env.space.names, env.space.sizes, cfg.search.select_top_k)
-    candidates += rule_candidates(workspace)
+    rules = rule_candidates(workspace)
+    for rule in rules:  # scored as the search scores, so the rewards say whether the search beat the rules
+        rule.reward = env.evaluate(rule.keep)[0]
+    candidates += rules
     measure = env.space.reward_measure
     winner, margin = select(workspace, candidates,
                             lambda error, keep: env.reward_fn(error, env.space.measures(keep)[measure]),

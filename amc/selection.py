@@ -48,7 +48,7 @@ class Candidate:
     source: str  # "search" or a rule's name
     keep: list[int]
     episode: int | None = None
-    reward: float | None = None  # the search's reward (search candidates only)
+    reward: float | None = None  # the reward as the search scores it (the rules are scored the same way)
     select_metric: float | None = None  # top-1 (or top-5) accuracy, or the user's metric, on the selection split
     score: float | None = None  # what selection ranks: the protocol's reward on the selection split
 

@@ -49,6 +49,7 @@ def test_the_answer_is_chosen_on_the_selection_split(demo_cfg, tmp_path):
     them and scored on the held-out selection split; the best of them is the run's answer."""
     from amc.export import prune_policy
     from amc.factory import Workspace
+    from amc.fidelity import check_fidelity
     from amc.metrics import accuracy
 
     cfg = demo_cfg.model_copy(update={"search": demo_cfg.search.model_copy(update={"select_top_k": 4,
@@ -67,6 +68,10 @@ def test_the_answer_is_chosen_on_the_selection_split(demo_cfg, tmp_path):
         model, _ = prune_policy(workspace, c["keep"])
         assert accuracy(model, workspace.loader("select"))["top1"] == pytest.approx(c["select_metric"])
     assert answer["macs_ratio"] <= cfg.search.target + 1e-9
+    env = workspace.env()
+    check_fidelity(env)  # the precision the search's rewards were scored in
+    for rule in candidates[-2:]:  # the rules' rewards are the search's, for the same comparison
+        assert rule["reward"] == pytest.approx(env.evaluate(rule["keep"])[0])
     noise = answer["noise"]
     p, n = noise["reward_val_top1"], cfg.data.reward_val_size
     assert noise["bootstrap_se"] == pytest.approx((p * (1 - p) / n) ** 0.5, rel=0.3)
