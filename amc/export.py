@@ -44,7 +44,7 @@ def prune_policy(workspace: Workspace, keep: list[int], calibration_seed: int | 
         raise UserError(f"policy has {len(keep)} entries, the model has {len(space.sizes)} units", field="keep")
     pruned = copy.deepcopy(model)
     space.apply(pruned, keep)
-    workspace.repair(model, calibration_seed)(pruned, space.refit_layers(keep))
+    workspace.base_repair(calibration_seed)(pruned, space.refit_layers(keep))
     plan = space.plan(keep)
     plan["prune_residual"] = cfg.search.prune_residual
     return pruned.eval(), plan

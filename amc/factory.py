@@ -14,7 +14,7 @@ import numbers
 import random
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import islice
 from pathlib import Path
@@ -101,6 +101,7 @@ class Workspace:
     evaluate: Metric | None = None
     loss: Callable[[Any, Any], torch.Tensor] | None = None
     example_input: torch.Tensor | None = None
+    _base_repairs: dict[int | None, Repair] = field(default_factory=dict, init=False, repr=False)
 
     @cached_property
     def device(self) -> torch.device:
@@ -320,6 +321,12 @@ class Workspace:
             recon = self.reconstruction_images(None if calibration_seed is None else calibration_seed + 1)
         calib = calibration_batches(self, seed=calibration_seed) if s.calibration in ("bn", "both") else []
         return Repair(model, s.calibration, calib, recon, self.cfg.seed, repair_dtype(s.precision, self.device))
+
+    def base_repair(self, calibration_seed: int | None = None) -> Repair:
+        """``repair(base_model, calibration_seed)``, built once per seed: selection and export call it per policy."""
+        if calibration_seed not in self._base_repairs:
+            self._base_repairs[calibration_seed] = self.repair(self.base_model, calibration_seed)
+        return self._base_repairs[calibration_seed]
 
     def reconstruction_images(self, seed: int | None = None) -> torch.Tensor:
         """A fixed sample of training images (never reward-val) for least-squares fits."""
