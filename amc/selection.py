@@ -119,7 +119,7 @@ def select(workspace: Workspace, candidates: list[Candidate], reward_of: Callabl
     if candidates[best].source != "search" or not rules or not hits:
         return candidates[best], {}
     rule = max(rules, key=lambda i: candidates[i].score)
-    lead = candidates[best].score - candidates[rule].score
+    lead = candidates[best].select_metric - candidates[rule].select_metric  # rules exist under a budget: same order
     se = paired_standard_error(hits[best], hits[rule])
     decision = {"rule": candidates[rule].source, "search_lead": lead, "paired_se": se, "margin": margin,
                 "search_episode": candidates[best].episode, "kept_rule": bool(lead <= margin * se)}
