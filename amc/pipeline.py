@@ -253,24 +253,25 @@ def answer_label(answer: dict) -> str:
 
 
 def answer_note(answer: dict) -> str:
-    """One line on where the answer came from and how noisy the reward was."""
+    """Lines on where the answer came from, how noisy the reward was, and how the rules scored in the search."""
     selection, noise = answer["selection"], answer["noise"]
     searched = sum(c["source"] == "search" for c in selection["candidates"])
     rules = [c["source"] for c in selection["candidates"] if c["source"] != "search"]
     origin = (f"the search's episode {answer['episode']}" if answer["source"] == "search"
-              else f"the {answer['source']} rule (it beat the search's policies)")
+              else f"the {answer['source']} rule")
+    lines = [f"answer: {origin}, best of {searched} searched policies and {len(rules)} rules "
+             f"({', '.join(rules) or 'none'}) on the {selection['split'].replace('_', '-')} split"]
     if margin := selection.get("margin"):
-        lead = (f"{100 * margin['search_lead']:.2f} points, {'not ' if margin['kept_rule'] else ''}more than "
-                f"{margin['margin']:g} x {100 * margin['paired_se']:.2f} (paired standard error)")
-        origin = (f"the {answer['source']} rule (the search's episode {margin['search_episode']} led it by {lead})"
-                  if margin["kept_rule"] else f"{origin} (it led the {margin['rule']} rule by {lead})")
+        leader = "the search's best" if margin["kept_rule"] else "it"
+        lines[0] += (f"; {leader} (episode {margin['search_episode']}) led the {margin['rule']} rule by "
+                     f"{100 * margin['search_lead']:.2f} points, {'not ' if margin['kept_rule'] else ''}more than "
+                     f"{margin['margin']:g} x {100 * margin['paired_se']:.2f} (paired standard error)")
     over_images = "" if noise["bootstrap_se"] is None else f"±{100 * noise['bootstrap_se']:.2f} points over images, "
-    rewards = ", ".join(f"{c['source'] if c['source'] != 'search' else 'the best episode'} {c['reward']:.4f}"
-                        for c in best_rewards(selection["candidates"]))
-    return (f"answer: {origin}, best of {searched} searched policies and {len(rules)} rules ({', '.join(rules) or 'none'}) "
-            f"on the {selection['split'].replace('_', '-')} split; reward noise: {over_images}"
-            f"±{100 * noise['calibration_spread']:.2f} over calibration samples"
-            + (f"; the search's own reward: {rewards}" if rewards else ""))
+    lines.append(f"reward noise: {over_images}±{100 * noise['calibration_spread']:.2f} over calibration samples")
+    if rewards := best_rewards(selection["candidates"]):
+        lines.append("rewards as the search scores them: " + ", ".join(
+            f"{c['source'] if c['source'] != 'search' else 'best episode'} {c['reward']:.4f}" for c in rewards))
+    return "\n".join(lines)
 
 
 def best_rewards(candidates: list[dict]) -> list[dict]:

@@ -32,15 +32,17 @@ def test_run_export_finetune_eval(demo_raw, tmp_path, capsys):
     out = capsys.readouterr().out
     table = out[out.index("\n", out.index("fine-tuned checkpoint")) + 1:].splitlines()
     assert "test after FT" in table[0] and "select" in table[0]
-    names = [line.split("  ")[0] for line in table[2:-1]]
+    names = [line.split("  ")[0] for line in table[2:-3]]
     assert names[0] == "original" and names[2:] == ["uniform", "global"]
     assert names[1].startswith("AMC (episode ") or names[1].startswith("answer: ")
-    assert table[-1].startswith("answer: ") and "on the select split" in table[-1]
+    assert table[-3].startswith("answer: ") and "on the select split" in table[-3]
+    assert table[-2].startswith("reward noise: ±")
     best = json.loads((Path(demo_raw["search"]["run_dir"]) / "best_policy.json").read_text())
+    assert ("paired standard error" in table[-3]) == bool(best["selection"].get("margin"))
     rewards = {c["source"]: c["reward"] for c in best["selection"]["candidates"][-2:]}
     top = max(c["reward"] for c in best["selection"]["candidates"] if c["source"] == "search")
-    assert table[-1].endswith(f"the search's own reward: the best episode {top:.4f}, "
-                              f"uniform {rewards['uniform']:.4f}, global {rewards['global']:.4f}")
+    assert table[-1] == (f"rewards as the search scores them: best episode {top:.4f}, "
+                         f"uniform {rewards['uniform']:.4f}, global {rewards['global']:.4f}")
     run_dir = Path(demo_raw["search"]["run_dir"])
     for name in ("pruned.pt", "pruned_ft.pt", "rule_uniform.pt", "rule_uniform_ft.pt", "rule_global_ft.pt",
                  "best_policy.png", "episodes.png", "episodes.csv"):
