@@ -262,8 +262,8 @@ def answer_note(answer: dict) -> str:
     lines = [f"answer: {origin}, best of {searched} searched policies and {len(rules)} rules "
              f"({', '.join(rules) or 'none'}) on the {selection['split'].replace('_', '-')} split"]
     if margin := selection.get("margin"):
-        leader = "the search's best" if margin["kept_rule"] else "it"
-        lines[0] += (f"; {leader} (episode {margin['search_episode']}) led the {margin['rule']} rule by "
+        leader = f"the search's best (episode {margin['search_episode']})" if margin["kept_rule"] else "it"
+        lines[0] += (f"; {leader} led the {margin['rule']} rule by "
                      f"{100 * margin['search_lead']:.2f} points, {'not ' if margin['kept_rule'] else ''}more than "
                      f"{margin['margin']:g} x {100 * margin['paired_se']:.2f} (paired standard error)")
     over_images = "" if noise["bootstrap_se"] is None else f"±{100 * noise['bootstrap_se']:.2f} points over images, "
