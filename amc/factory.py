@@ -301,7 +301,7 @@ class Workspace:
         s, d = self.cfg.search, self.cfg.data
         device = self.device
         reward = [to_device(batch, device) for batch in cached_batches(self.splits.reward_val, d.loader_batch_size)]
-        repair = self.repair(model)
+        repair = self.base_repair() if model is self.base_model else self.repair(model)
         batch_size = None if d.eval_batch_size == "auto" else d.eval_batch_size
         try:
             return Scorer(model, reward, repair, s.reward_metric, s.precision, batch_size,

@@ -43,8 +43,9 @@ class Scorer:
         self.candidates = candidate_precisions(precision, next(original.parameters()).device) if fast_path else []
         images = torch.cat([x for x, _ in reward_batches])
         labels = torch.cat([y for _, y in reward_batches])
-        self.fast = FastEval(images, labels, batchnorm_pairs(original) if fast_path and fold else [], uses_channels_last(original),
-                             (self.candidates or ["fp32"])[0], batch_size)
+        pairs = batchnorm_pairs(original) if fast_path and fold else []
+        self.fast = FastEval(images, labels, pairs, uses_channels_last(original), (self.candidates or ["fp32"])[0],
+                             batch_size)
 
     @property
     def precision(self) -> str:

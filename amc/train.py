@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from itertools import islice
 from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
 import torch
