@@ -163,13 +163,16 @@ def wait_for_rows(csv_path: Path, count: int, process: subprocess.Popen, timeout
     raise AssertionError("search too slow")
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_sigkill_at_several_points_then_resume_matches_uninterrupted(demo_raw, tmp_path, workers):
+JOINT = {"mode": "joint", "resource": "bitops", "target": 0.03, "quantize_activations": True}
+
+
+@pytest.mark.parametrize("workers, mode", [(1, {}), (2, {}), (1, JOINT)], ids=["channels", "2-workers", "joint"])
+def test_sigkill_at_several_points_then_resume_matches_uninterrupted(demo_raw, tmp_path, workers, mode):
     """One search killed with SIGKILL as soon as its run dir exists, during warmup and while
     learning; each time resumed with the real CLI; the result equals an uninterrupted run.
-    With 2 workers the search runs in rounds of 2 scored by worker processes, resumed per round."""
-    demo_raw["search"]["episodes"] = 20
-    demo_raw["search"]["workers"] = workers
+    With 2 workers the search runs in rounds of 2 scored by worker processes, resumed per round.
+    Joint mode (a pruning step and two bit-width steps per unit) resumes mid-episode walks alike."""
+    demo_raw["search"].update(episodes=20, workers=workers, **mode)
     reference = config_from_dict({**demo_raw, "search": {**demo_raw["search"], "run_dir": str(tmp_path / "ref")}})
     search(reference, tmp_path / "ref", progress=False)
 
