@@ -224,3 +224,17 @@ def test_resume_refuses_a_changed_config(demo_cfg, tmp_path):
     assert "search.target" in result.stderr and "agent.tau" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(rows(run_dir)) == 3
+
+
+def test_resume_may_move_the_search_to_another_device(demo_cfg, tmp_path):
+    """A search started with one device setting continues under another (a GPU run finished on a
+    CPU); here both are the CPU, so the continued run equals an uninterrupted one."""
+    def episodes(cfg, n):
+        return cfg.model_copy(update={"search": cfg.search.model_copy(update={"episodes": n})})
+
+    started = demo_cfg.model_copy(update={"device": "auto"})
+    search(episodes(started, 5), tmp_path / "whole", progress=False)
+    search(episodes(started, 3), tmp_path / "moved", progress=False)
+    moved = started.model_copy(update={"device": "cpu"})
+    search(episodes(moved, 5), tmp_path / "moved", resume=True, progress=False)
+    assert rows(tmp_path / "moved") == rows(tmp_path / "whole")
