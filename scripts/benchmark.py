@@ -30,12 +30,14 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from scipy import stats
 
 from amc.baselines import baseline_policy
 from amc.config import apply_overrides, config_from_dict, read_yaml
+from amc.errors import UserError
 from amc.export import measure, prune_policy
 from amc.factory import Workspace, seed_everything
 from amc.files import atomic_write_json, atomic_write_text
@@ -77,7 +79,22 @@ def policy_for(method: str, cfg, workspace: Workspace) -> tuple[list[int], dict]
         "answer_source": answer["source"], "episodes": len(rows), "search_seconds": time.perf_counter() - started,
         "seconds_per_episode": seconds / len(rows), "eval_share": sum(r["eval_seconds"] for r in rows) / seconds,
         "scoring_share": sum(r["eval_seconds"] + r["calibrate_seconds"] for r in rows) / seconds,
-        "reward_noise": answer["noise"]}
+        "reward_noise": answer["noise"], **search_diagnostics(answer, rows)}
+
+
+def search_diagnostics(answer: dict, rows: list[dict]) -> dict:
+    """Why the answer is what it is: the search's best reward against the rules' rewards (scored as
+    the search scores episodes), and the best searched candidate's lead over the best rule on the
+    selection split (with the paired standard error the margin compared it to, where it led)."""
+    candidates = answer["selection"]["candidates"]
+    rules = [c for c in candidates if c["source"] != "search"]
+    searched = [c for c in candidates if c["source"] == "search"]
+    best_rule = max(rules, key=lambda c: c["select_metric"])
+    margin = answer["selection"].get("margin", {})
+    return {"best_reward": max(r["reward"] for r in rows),
+            "rule_rewards": {c["source"]: c["reward"] for c in rules},
+            "select_lead": max(c["select_metric"] for c in searched) - best_rule["select_metric"],
+            "select_lead_se": margin.get("paired_se")}
 
 
 def evaluate(cfg, keep: list[int], workspace: Workspace, epochs: int) -> dict:
@@ -142,10 +159,31 @@ def summarize(records: list[dict]) -> str:
                      stat(pct(rs, "test_top1_after_ft")), diffs[1],
                      stat([r["search_seconds"] + r.get("finetune_seconds", 0.0) for r in rs], digits=0),
                      " ".join(sorted({r.get("answer_source", "") for r in rs})) or "-", len(rs)])
-    return table(["method", "target", "MACs", "non-zero params", *(["weights (KB)", "BitOPs (G)"] if quantized else []),
-                  "select top-1 (%)", "test before FT (%)",
-                  "vs best rule", "test after FT (%)", "vs best rule", "wall (s)", "answer from", "seeds"],
-                 rows, markdown=True)
+    results = table(["method", "target", "MACs", "non-zero params", *(["weights (KB)", "BitOPs (G)"] if quantized else []),
+                     "select top-1 (%)", "test before FT (%)",
+                     "vs best rule", "test after FT (%)", "vs best rule", "wall (s)", "answer from", "seeds"],
+                    rows, markdown=True)
+    return results + diagnostics_table(groups, stat)
+
+
+def diagnostics_table(groups: dict[tuple, list[dict]], stat: Callable) -> str:
+    """Searched methods: best reward against the rules' (the search's own objective), and the lead
+    over the best rule on the selection split that the margin judged (points)."""
+    rows = []
+    for (target, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        rs = [r for r in rs if "best_reward" in r]
+        if method not in SEARCHED or not rs:
+            continue
+        rule_rewards = rs[0]["rule_rewards"]
+        rows.append([method, f"{target:.4g}", stat([r["best_reward"] for r in rs], 4),
+                     " ".join(f"{k} {v:.4f}" for k, v in rule_rewards.items()),
+                     stat([100 * r["select_lead"] for r in rs]),
+                     stat([100 * r["select_lead_se"] for r in rs if r["select_lead_se"] is not None]),
+                     f"{sum(r.get('answer_source') == 'search' for r in rs)}/{len(rs)}"])
+    if not rows:
+        return ""
+    return "\n\n" + table(["method", "target", "best reward", "rules' rewards", "select lead over best rule (points)",
+                            "its paired SE", "answers from search"], rows, markdown=True)
 
 
 def paired_difference(values: list[float], rule: float, rule_name: str) -> str:
@@ -174,7 +212,13 @@ def run_job(args: argparse.Namespace, method: str, target: float, seed: int) -> 
     cfg = configure(args, method, target, seed, args.out)
     workspace = Workspace(cfg)
     epochs = cfg.finetune.epochs if args.finetune_epochs is None else args.finetune_epochs
-    keep, found = policy_for(method, cfg, workspace)
+    try:
+        keep, found = policy_for(method, cfg, workspace)
+    except UserError as exc:  # the paper's fixed-shape policies cannot reach every budget
+        if method not in HANDCRAFTED:
+            raise
+        print(f"{method} at target {target}: skipped: {exc}", file=sys.stderr, flush=True)
+        return None
     record = {"method": method, "target": target, "seed": seed, "keep": keep, "finetune_epochs": epochs,
               "finetune_max_steps": cfg.finetune.max_steps, **found, **evaluate(cfg, keep, workspace, epochs)}
     append_record(args.out / "results.json", record)

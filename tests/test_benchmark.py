@@ -41,7 +41,14 @@ def test_benchmark_records_every_method_and_resumes(demo_raw, tmp_path):
                for r in searched)
     random_run = read_episodes(out / "runs" / "random_t0.5_s0")  # random search never learns: all warmup
     assert len(random_run) == 3
-    table = (out / "results.md").read_text()
+    for r in searched:  # why the answer is what it is, recorded per run
+        episodes = read_episodes(out / "runs" / f"{r['method']}_t0.5_s{r['seed']}")
+        assert r["best_reward"] == max(e["reward"] for e in episodes)
+        assert sorted(r["rule_rewards"]) == ["global", "uniform"] and all(-1 < v < 0 for v in r["rule_rewards"].values())
+        assert r["select_lead"] > 0 or r["answer_source"] != "search"
+    table, diagnostics = (out / "results.md").read_text().strip().split("\n\n")
+    assert [line.split("|")[1].strip() for line in diagnostics.splitlines()[2:]] == ["amc", "random"]
+    assert "best reward" in diagnostics and "select lead" in diagnostics
     lines = table.splitlines()
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["amc", "random", "uniform", "global"]
     assert "test before FT" in lines[0] and "vs best rule" in lines[0]
@@ -99,3 +106,13 @@ def test_benchmark_jobs_on_two_local_workers_give_the_serial_records(demo_raw, t
         return sorted(({k: r[k] for k in same} for r in records), key=lambda r: r["method"])
 
     assert ordered(parallel) == ordered(serial)
+
+
+def test_a_handcrafted_rule_that_cannot_reach_the_budget_is_skipped(demo_raw, tmp_path, capsys):
+    """The paper's deep policy keeps the first layer whole: at 15% of the FLOPs it cannot fit, and
+    the benchmark says so in one line and records the other methods."""
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    records = run(config, tmp_path / "bench", "--seeds", "0", "--methods", "uniform", "deep",
+                  "--finetune-epochs", "0", "--targets", "0.15")
+    assert [r["method"] for r in records] == ["uniform"]
+    assert "deep at target 0.15: skipped: search.target: even the smallest policy costs" in capsys.readouterr().err
