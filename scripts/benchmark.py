@@ -30,7 +30,6 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from scipy import stats
@@ -126,17 +125,19 @@ def read_records(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def stat(values: list[float], digits: int = 2) -> str:
+    """Mean ± standard deviation over seeds (the mean alone for one value)."""
+    if not values:
+        return "-"
+    mean = f"{statistics.mean(values):.{digits}f}"
+    return f"{mean} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
+
+
 def summarize(records: list[dict]) -> str:
     """One row per (target, method); searched methods also get their paired difference to the best rule."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["target"], r["method"]), []).append(r)
-
-    def stat(values: list[float], digits: int = 2) -> str:
-        if not values:
-            return "-"
-        mean = f"{statistics.mean(values):.{digits}f}"
-        return f"{mean} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
 
     def pct(rs: list[dict], key: str) -> list[float]:
         return [100 * r[key] for r in rs if key in r and (key != "test_top1_after_ft" or r["finetune_epochs"])]
@@ -163,10 +164,10 @@ def summarize(records: list[dict]) -> str:
                      "select top-1 (%)", "test before FT (%)",
                      "vs best rule", "test after FT (%)", "vs best rule", "wall (s)", "answer from", "seeds"],
                     rows, markdown=True)
-    return results + diagnostics_table(groups, stat)
+    return results + diagnostics_table(groups)
 
 
-def diagnostics_table(groups: dict[tuple, list[dict]], stat: Callable) -> str:
+def diagnostics_table(groups: dict[tuple, list[dict]]) -> str:
     """Searched methods: best reward against the rules' (the search's own objective), and the lead
     over the best rule on the selection split that the margin judged (points)."""
     rows = []
