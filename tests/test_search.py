@@ -163,23 +163,27 @@ def wait_for_rows(csv_path: Path, count: int, process: subprocess.Popen, timeout
     raise AssertionError("search too slow")
 
 
-JOINT = {"mode": "joint", "resource": "bitops", "target": 0.03, "quantize_activations": True}
+# fp32 rewards: the fidelity check would otherwise rerun at every one of the four process starts
+JOINT = {"mode": "joint", "resource": "bitops", "target": 0.03, "quantize_activations": True, "precision": "fp32"}
 
 
-@pytest.mark.parametrize("workers, mode", [(1, {}), (2, {}), (1, JOINT)], ids=["channels", "2-workers", "joint"])
-def test_sigkill_at_several_points_then_resume_matches_uninterrupted(demo_raw, tmp_path, workers, mode):
+@pytest.mark.parametrize("workers, mode, episodes, kills", [(1, {}, 20, (0, 4, 15)), (2, {}, 20, (0, 4, 15)),
+                                                            (1, JOINT, 12, (0, 4, 11))],
+                         ids=["channels", "2-workers", "joint"])
+def test_sigkill_at_several_points_then_resume_matches_uninterrupted(demo_raw, tmp_path, workers, mode, episodes,
+                                                                     kills):
     """One search killed with SIGKILL as soon as its run dir exists, during warmup and while
     learning; each time resumed with the real CLI; the result equals an uninterrupted run.
     With 2 workers the search runs in rounds of 2 scored by worker processes, resumed per round.
-    Joint mode (a pruning step and two bit-width steps per unit) resumes mid-episode walks alike."""
-    demo_raw["search"].update(episodes=20, workers=workers, **mode)
+    Joint mode (a pruning step and two bit-width steps per unit) resumes alike."""
+    demo_raw["search"].update(episodes=episodes, workers=workers, **mode)
     reference = config_from_dict({**demo_raw, "search": {**demo_raw["search"], "run_dir": str(tmp_path / "ref")}})
     search(reference, tmp_path / "ref", progress=False)
 
     config = write_config(tmp_path / "demo.yaml", demo_raw)
     run_dir = Path(demo_raw["search"]["run_dir"])
     process = amc("search", str(config), cwd=tmp_path)
-    for kill_after in (0, 4, 15):  # warmup is 10 episodes
+    for kill_after in kills:  # warmup is 10 episodes: the last kill is while learning
         if kill_after:
             wait_for_rows(run_dir / "episodes.csv", kill_after, process)
         else:
