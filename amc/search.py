@@ -45,7 +45,8 @@ AGENT_FILE = "agent.pt"
 FIDELITY_FILE = "fidelity.json"
 MIN_FREE_BYTES = 64 * 2**20
 # What may change when a run is continued: its length, and where its scoring runs (a worker that
-# timed out may need a longer timeout; a run may move to a machine with more cores or a cluster).
+# timed out may need a longer timeout; a run may move to a machine with more cores, a cluster, or
+# from a GPU to a CPU).
 RESUMABLE = ("search.episodes", "device", "search.workers", "search.backend", "search.worker_threads",
              "search.worker_timeout", "ray.address")
 METRIC_COLUMNS = ["episode", "reward", "error", "cost_ratio", "macs_ratio", "params_ratio", "latency_ms_ratio",
