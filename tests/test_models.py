@@ -70,6 +70,14 @@ def test_mobilenet_imagenet_forward_and_width():
     assert model.features(model.stem(torch.randn(1, 3, 224, 224))).shape[-1] == 7
 
 
+def test_vgg16_width():
+    model = build_model("vgg16_cifar", 10, 1, {"width_mult": 0.25})
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 16, 32, 32, 64, 64, 64] + [128] * 6
+    assert model.classifier.in_features == 128
+    assert _forward(model, (2, 1, 32, 32)).shape == (2, 10)
+
+
 def test_demo_cnn_forward():
     assert _forward(build_model("demo_cnn", 10, 1), (2, 1, 8, 8)).shape == (2, 10)
 
@@ -156,6 +164,7 @@ def test_spec_roundtrip():
         ("torchvision:resnet18", {"weights": "DEFAULT"}, "weights"),
         ("resnet20", {"num_classes": 3}, "num_classes"),
         ("mobilenet_v1", {"width_mult": 0}, "width_mult"),
+        ("vgg16_cifar", {"width_mult": "half"}, "vgg16_cifar: width_mult must be a number > 0"),
         (f"{__name__}:tiny_factory", {"hiddn": 2}, "hiddn"),
         (f"{__name__}:not_a_model_factory", None, "not a torch.nn.Module"),
     ],

@@ -38,3 +38,15 @@ def check_sizes(model: str, num_classes: int, in_channels: int) -> None:
     for field, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{model}: {field} must be a positive integer, got {value!r}")
+
+
+def check_width(model: str, width_mult: float) -> float:
+    """``width_mult`` as a float, or a ``UserError`` when it is not a number > 0."""
+    if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or not width_mult > 0:
+        raise UserError(f"{model}: width_mult must be a number > 0, got {width_mult!r}")
+    return float(width_mult)
+
+
+def scaled_width(channels: int, width_mult: float) -> int:
+    """``channels`` times the width multiplier, rounded, at least 8."""
+    return max(8, int(round(channels * width_mult)))

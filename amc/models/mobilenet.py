@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from amc.errors import UserError
-from amc.models.common import check_sizes, conv_bn_relu, init_weights
+from amc.models.common import check_sizes, check_width, conv_bn_relu, init_weights, scaled_width
 
 # (output channels, stride) of the 13 depthwise-separable blocks, ImageNet layout (224 -> 7).
 IMAGENET_BLOCKS: tuple[tuple[int, int], ...] = (
@@ -32,16 +32,12 @@ class DepthwiseSeparable(nn.Module):
 class MobileNetV1(nn.Module):
     def __init__(self, num_classes: int = 1000, in_channels: int = 3, width_mult: float = 1.0, cifar: bool = False):
         super().__init__()
-
-        def width(c: int) -> int:
-            return max(8, int(round(c * width_mult)))
-
-        ch = width(32)
+        ch = scaled_width(32, width_mult)
         self.stem = conv_bn_relu(in_channels, ch, 3, stride=1 if cifar else 2)
         blocks = []
         for out, stride in CIFAR_BLOCKS if cifar else IMAGENET_BLOCKS:
-            blocks.append(DepthwiseSeparable(ch, width(out), stride))
-            ch = width(out)
+            blocks.append(DepthwiseSeparable(ch, scaled_width(out, width_mult), stride))
+            ch = scaled_width(out, width_mult)
         self.features = nn.Sequential(*blocks)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(ch, num_classes)
@@ -55,8 +51,7 @@ class MobileNetV1(nn.Module):
 def mobilenet_v1(num_classes: int = 1000, in_channels: int = 3, width_mult: float = 1.0, cifar: bool = False) -> MobileNetV1:
     """MobileNet v1; ``cifar=True`` keeps 32x32 inputs at 4x4 before the pool, else the 224 -> 7 layout."""
     check_sizes("mobilenet_v1", num_classes, in_channels)
-    if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or not width_mult > 0:
-        raise UserError(f"mobilenet_v1: width_mult must be a number > 0, got {width_mult!r}")
+    width_mult = check_width("mobilenet_v1", width_mult)
     if not isinstance(cifar, bool):
         raise UserError(f"mobilenet_v1: cifar must be true or false, got {cifar!r}")
-    return MobileNetV1(num_classes, in_channels, float(width_mult), cifar)
+    return MobileNetV1(num_classes, in_channels, width_mult, cifar)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from amc.models.common import check_sizes, conv_bn_relu, init_weights
+from amc.models.common import check_sizes, check_width, conv_bn_relu, init_weights, scaled_width
 
 VGG16_CFG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
@@ -15,7 +15,7 @@ VGG16_CFG: tuple[int | str, ...] = (
 class VGG(nn.Module):
     """``features`` (conv-BN-ReLU stacks and 2x2 max pools from ``cfg``), global average pool, linear."""
 
-    def __init__(self, cfg: tuple[int | str, ...], num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, cfg: tuple[int | str, ...], num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0):
         super().__init__()
         layers: list[nn.Module] = []
         ch = in_channels
@@ -23,8 +23,8 @@ class VGG(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
-                layers.extend(conv_bn_relu(ch, int(v), 3))
-                ch = int(v)
+                layers.extend(conv_bn_relu(ch, scaled_width(int(v), width_mult), 3))
+                ch = scaled_width(int(v), width_mult)
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(ch, num_classes)
@@ -35,7 +35,7 @@ class VGG(nn.Module):
         return self.classifier(x)
 
 
-def vgg16_cifar(num_classes: int = 10, in_channels: int = 3) -> VGG:
-    """VGG-16 (13 conv-BN-ReLU + 1 linear), ~14.7 M parameters."""
+def vgg16_cifar(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0) -> VGG:
+    """VGG-16 (13 conv-BN-ReLU + 1 linear), ~14.7 M parameters at width 1 (313 M MACs at 32x32)."""
     check_sizes("vgg16_cifar", num_classes, in_channels)
-    return VGG(VGG16_CFG, num_classes, in_channels)
+    return VGG(VGG16_CFG, num_classes, in_channels, check_width("vgg16_cifar", width_mult))
