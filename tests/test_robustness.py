@@ -243,6 +243,7 @@ def test_run_directory_messages_name_the_command(tmp_path, cli, command, kind):
 def test_ctrl_c_says_how_to_resume(demo_raw, tmp_path, cli, command):
     """A real KeyboardInterrupt in the main thread once two episodes are written, as Ctrl-C raises it."""
     import _thread
+    import signal
     import threading
     import time
 
@@ -258,6 +259,9 @@ def test_ctrl_c_says_how_to_resume(demo_raw, tmp_path, cli, command):
                 return
             time.sleep(0.05)
 
+    # Python's own Ctrl-C handler, also where the runner inherited SIGINT ignored (a shell's
+    # background job), to which interrupt_main() does nothing.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     watcher = threading.Thread(target=press_ctrl_c)
     watcher.start()
     try:
@@ -265,6 +269,7 @@ def test_ctrl_c_says_how_to_resume(demo_raw, tmp_path, cli, command):
     finally:
         finished.set()
         watcher.join()
+        signal.signal(signal.SIGINT, previous)
     assert result.returncode == 130, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines == [f"amc: interrupted; continue with `amc search --resume {run_dir}`"]
