@@ -35,9 +35,10 @@ class MobileNetV1(nn.Module):
         ch = scaled_width(32, width_mult)
         self.stem = conv_bn_relu(in_channels, ch, 3, stride=1 if cifar else 2)
         blocks = []
-        for out, stride in CIFAR_BLOCKS if cifar else IMAGENET_BLOCKS:
-            blocks.append(DepthwiseSeparable(ch, scaled_width(out, width_mult), stride))
-            ch = scaled_width(out, width_mult)
+        for channels, stride in CIFAR_BLOCKS if cifar else IMAGENET_BLOCKS:
+            out = scaled_width(channels, width_mult)
+            blocks.append(DepthwiseSeparable(ch, out, stride))
+            ch = out
         self.features = nn.Sequential(*blocks)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(ch, num_classes)

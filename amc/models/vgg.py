@@ -23,8 +23,9 @@ class VGG(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
-                layers.extend(conv_bn_relu(ch, scaled_width(int(v), width_mult), 3))
-                ch = scaled_width(int(v), width_mult)
+                out = scaled_width(int(v), width_mult)
+                layers.extend(conv_bn_relu(ch, out, 3))
+                ch = out
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(ch, num_classes)
