@@ -164,7 +164,7 @@ def summarize(records: list[dict]) -> str:
                      "select top-1 (%)", "test before FT (%)",
                      "vs best rule", "test after FT (%)", "vs best rule", "wall (s)", "answer from", "seeds"],
                     rows, markdown=True)
-    return results + diagnostics_table(groups)
+    return results + diagnostics_table(groups) + versus_random_table(groups)
 
 
 def diagnostics_table(groups: dict[tuple, list[dict]]) -> str:
@@ -189,14 +189,42 @@ def diagnostics_table(groups: dict[tuple, list[dict]]) -> str:
 
 def paired_difference(values: list[float], rule: float, rule_name: str) -> str:
     """Mean difference to a deterministic rule with its 95% t interval over seeds."""
-    if not values:
+    return mean_interval([v - rule for v in values], f" ({rule_name})")
+
+
+def mean_interval(diffs: list[float], suffix: str = "", digits: int = 2) -> str:
+    """Mean of paired differences with its 95% t interval (the mean alone for one)."""
+    if not diffs:
         return "-"
-    diffs = [v - rule for v in values]
     mean = statistics.mean(diffs)
     if len(diffs) < 2:
-        return f"{mean:+.2f} ({rule_name})"
+        return f"{mean:+.{digits}f}{suffix}"
     half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
-    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] ({rule_name})"
+    return f"{mean:+.{digits}f} [{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]{suffix}"
+
+
+def versus_random_table(groups: dict[tuple, list[dict]]) -> str:
+    """AMC minus random search, paired by seed (the same seed walks the same warmup policies), with
+    95% intervals: does the agent find more than the same number of random episodes?"""
+    rows = []
+    for target in sorted({t for t, _ in groups}, reverse=True):
+        amc = {r["seed"]: r for r in groups.get((target, "amc"), [])}
+        rand = {r["seed"]: r for r in groups.get((target, "random"), [])}
+        seeds = sorted(set(amc) & set(rand))
+        if not seeds:
+            continue
+
+        def diffs(key: str, scale: float = 100.0) -> list[float]:
+            return [scale * (amc[s][key] - rand[s][key]) for s in seeds if key in amc[s] and key in rand[s]]
+
+        after = [s for s in seeds if amc[s]["finetune_epochs"] and rand[s]["finetune_epochs"]]
+        rows.append([f"{target:.4g}", " ".join(map(str, seeds)), mean_interval(diffs("best_reward"), digits=2),
+                     mean_interval(diffs("select_top1_before_ft")), mean_interval(diffs("test_top1_before_ft")),
+                     mean_interval([100 * (amc[s]["test_top1_after_ft"] - rand[s]["test_top1_after_ft"]) for s in after])])
+    if not rows:
+        return ""
+    return "\n\n" + table(["target", "seeds", "AMC - random: best reward (points)", "select top-1", "test before FT",
+                            "test after FT"], rows, markdown=True)
 
 
 def recorded(path: Path) -> set[tuple]:

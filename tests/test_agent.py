@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import yaml
 from gymnasium import spaces
 
 from amc.agents import AMCDDPG, EpisodeRewardBuffer, TruncatedNormalNoise
 from amc.baselines import uniform_policy
-from amc.config import AgentConfig
+from amc.config import AgentConfig, load_config
+from amc.errors import UserError
 from amc.envs import run_episode
 from amc.factory import Workspace
 from amc.search import search
@@ -79,10 +81,27 @@ def test_ddpg_or_td3(demo_cfg, algorithm, critics, delay):
 
 def test_sb3_learn_explores_the_amc_way(demo_cfg):
     env = Workspace(demo_cfg).env()
-    agent = AMCDDPG(env, AgentConfig(warmup_episodes=2, batch_size=8), env.num_units, seed=0)
+    cfg = AgentConfig(warmup_episodes=2, batch_size=8)
+    agent = AMCDDPG(env, cfg, env.num_units, seed=0)
     agent.learn(total_timesteps=5 * env.num_units)
     assert agent.replay_buffer.size() == 5 * env.num_units
-    assert agent.noise.episodes == 5 and agent.noise.sigma == pytest.approx(0.5 * 0.95 ** 3)
+    assert agent.noise.episodes == 5 and agent.noise.sigma == pytest.approx(0.5 * cfg.noise_decay ** 3)
+
+
+def test_presets_fill_what_the_config_leaves_out(demo_cfg, tmp_path):
+    assert (AgentConfig().gamma, AgentConfig().noise_decay) == (0.0, 0.99)
+    amc = AgentConfig(preset="amc")
+    assert (amc.gamma, amc.noise_decay) == (1.0, 0.95)  # the official code's DDPG
+    env = Workspace(demo_cfg).env()
+    agent = AMCDDPG(env, amc, env.num_units, seed=0)
+    assert agent.gamma == 1.0 and agent.noise.decay == 0.95
+    assert AgentConfig(preset="amc", noise_decay=0.9).noise_decay == 0.9  # an explicit field wins
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**demo_cfg.to_dict(), "agent": {"preset": "amc"}}))
+    cfg = load_config(path, ["agent.gamma=0.5"])
+    assert (cfg.agent.preset, cfg.agent.gamma, cfg.agent.noise_decay) == ("amc", 0.5, 0.95)
+    with pytest.raises(UserError, match="agent.preset"):
+        load_config(path, ["agent.preset=ddpg"])
 
 
 def test_search_beats_the_uniform_policy_on_demo(demo_cfg, tmp_path):

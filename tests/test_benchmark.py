@@ -46,7 +46,11 @@ def test_benchmark_records_every_method_and_resumes(demo_raw, tmp_path):
         assert r["best_reward"] == max(e["reward"] for e in episodes)
         assert sorted(r["rule_rewards"]) == ["global", "uniform"] and all(-1 < v < 0 for v in r["rule_rewards"].values())
         assert r["select_lead"] > 0 or r["answer_source"] != "search"
-    table, diagnostics = (out / "results.md").read_text().strip().split("\n\n")
+    table, diagnostics, versus = (out / "results.md").read_text().strip().split("\n\n")
+    (versus_row,) = [line.split("|")[1:-1] for line in versus.splitlines()[2:]]  # AMC - random, paired by seed
+    by = {(r["method"], r["seed"]): r for r in records}
+    gap = sum(100 * (by["amc", s]["best_reward"] - by["random", s]["best_reward"]) for s in (0, 1)) / 2
+    assert versus_row[1].strip() == "0 1" and versus_row[2].strip().startswith(f"{gap:+.2f} [")
     assert [line.split("|")[1].strip() for line in diagnostics.splitlines()[2:]] == ["amc", "random"]
     assert "best reward" in diagnostics and "select lead" in diagnostics
     lines = table.splitlines()
