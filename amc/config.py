@@ -207,7 +207,8 @@ AGENT_PRESETS: dict[str, dict[str, Any]] = {
 class AgentConfig(Section):
     preset: Literal["default", "amc"] = Field("default", description=(
         "default: gamma 0 (each step regresses on its episode's reward), noise decay 0.99; "
-        "amc: the official code's gamma 1 and noise decay 0.95. Fields set explicitly win"))
+        "amc: the official code's gamma 1 and noise decay 0.95. Applied when the config is built; "
+        "fields set explicitly win"))
     seed: int | None = Field(None, description="seed of the agent and its exploration (default: the top-level seed)")
     algorithm: Literal["ddpg", "td3"] = Field("ddpg", description=(
         "ddpg: AMC's agent; td3: twin critics, delayed actor updates, target smoothing"))
@@ -228,9 +229,8 @@ class AgentConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _fill_from_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset", "default") in AGENT_PRESETS:
-            return {**AGENT_PRESETS[data.get("preset", "default")], **data}
-        return data
+        preset = data.get("preset", "default") if isinstance(data, dict) else None
+        return {**AGENT_PRESETS[preset], **data} if preset in AGENT_PRESETS else data
 
 
 class FinetuneConfig(Section):

@@ -213,18 +213,20 @@ def versus_random_table(groups: dict[tuple, list[dict]]) -> str:
         seeds = sorted(set(amc) & set(rand))
         if not seeds:
             continue
-
-        def diffs(key: str, scale: float = 100.0) -> list[float]:
-            return [scale * (amc[s][key] - rand[s][key]) for s in seeds if key in amc[s] and key in rand[s]]
-
-        after = [s for s in seeds if amc[s]["finetune_epochs"] and rand[s]["finetune_epochs"]]
-        rows.append([f"{target:.4g}", " ".join(map(str, seeds)), mean_interval(diffs("best_reward"), digits=2),
-                     mean_interval(diffs("select_top1_before_ft")), mean_interval(diffs("test_top1_before_ft")),
-                     mean_interval([100 * (amc[s]["test_top1_after_ft"] - rand[s]["test_top1_after_ft"]) for s in after])])
+        tuned = [s for s in seeds if amc[s]["finetune_epochs"] and rand[s]["finetune_epochs"]]
+        rows.append([f"{target:.4g}", " ".join(map(str, seeds)),
+                     *(mean_interval(point_differences(amc, rand, key, seeds))
+                       for key in ("best_reward", "select_top1_before_ft", "test_top1_before_ft")),
+                     mean_interval(point_differences(amc, rand, "test_top1_after_ft", tuned))])
     if not rows:
         return ""
     return "\n\n" + table(["target", "seeds", "AMC - random: best reward (points)", "select top-1", "test before FT",
                             "test after FT"], rows, markdown=True)
+
+
+def point_differences(a: dict[int, dict], b: dict[int, dict], key: str, seeds: list[int]) -> list[float]:
+    """Per seed, ``a``'s value of ``key`` minus ``b``'s, in points (x100)."""
+    return [100 * (a[s][key] - b[s][key]) for s in seeds if key in a[s] and key in b[s]]
 
 
 def recorded(path: Path) -> set[tuple]:
