@@ -5,7 +5,8 @@ through the same reconstruction, calibration and measurement path.
 - random: as many random episodes as the search, through the same env and clipping; best kept;
 - global: channels ranked by magnitude across all units (each unit's importances divided by
   their mean, as torch-pruning's global pruning normalises groups), the least important cut
-  until the budget is met, no unit below lbound;
+  until the budget is met, no unit below lbound; in fine-grained mode, global magnitude pruning
+  (one threshold on |w| over every prunable layer, the standard unstructured baseline);
 - deep / shallow: the AMC paper's handcrafted plain-net policies, preserve ratio falling
   linearly with depth (deep: prune deep layers more) or rising with it (shallow).
 
@@ -19,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from amc.config import Config, run_dir_for
 from amc.errors import UserError
@@ -65,6 +68,22 @@ def global_policy(units, step, cost, budget, lbound) -> list[int]:
     return _largest_feasible(policy, cost, budget)
 
 
+def global_magnitude_policy(model: nn.Module, names: list[str], sizes: list[int], cost, budget: float,
+                            lbound: float) -> list[int]:
+    """Fine-grained global magnitude pruning: keep every weight with |w| above one threshold
+    shared by all layers (raw magnitudes, not normalised per layer), each layer at least lbound."""
+    modules = dict(model.named_modules())
+    magnitudes = [modules[name].weight.detach().abs().flatten().float().cpu() for name in names]
+    ranked = torch.cat(magnitudes).sort(descending=True).values
+    floors = [keep_count(lbound, size) for size in sizes]
+
+    def policy(knob: float) -> list[int]:  # knob: the fraction of all weights above the threshold
+        threshold = ranked[min(len(ranked) - 1, int(knob * len(ranked)))]
+        return [max(f, int((m >= threshold).sum())) for m, f in zip(magnitudes, floors)]
+
+    return _largest_feasible(policy, cost, budget)
+
+
 def random_search(cfg: Config, workspace: Workspace) -> list[int]:
     env = workspace.env()
     rng = np.random.default_rng(cfg.seed if cfg.agent.seed is None else cfg.agent.seed)
@@ -96,8 +115,8 @@ def baseline_policy(cfg: Config, method: str, workspace: Workspace) -> list[int]
         return uniform_policy(space.sizes, space.round_to, space.cost, budget, s.lbound)
     if method in ("deep", "shallow"):
         return depth_policy(space.sizes, space.round_to, space.cost, budget, s.lbound, deep=method == "deep")
-    if space.kind != "channel":
-        raise UserError("the global baseline ranks channels: use search.mode: channel", field="search.mode")
+    if space.kind == "fine_grained":
+        return global_magnitude_policy(workspace.base_model, space.names, space.sizes, space.cost, budget, s.lbound)
     return global_policy(space.graph.units, space.round_to, space.cost, budget, s.lbound)
 
 

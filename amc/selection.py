@@ -71,7 +71,7 @@ def rule_candidates(workspace: Workspace) -> list[Candidate]:
     cfg = workspace.cfg
     if cfg.search.protocol != "resource":
         return []
-    methods = RULES if cfg.search.mode == "channel" else ("uniform",)
+    methods = RULES if cfg.search.mode in ("channel", "fine_grained") else ("uniform",)
     return [Candidate(method, baseline_policy(cfg, method, workspace)) for method in methods]
 
 

@@ -139,6 +139,8 @@ def test_fine_grained_export_and_finetune_keep_the_zeros(demo_raw, tmp_path, cap
     config = write_config(tmp_path / "demo.yaml", demo_raw)
     assert main(["search", str(config)]) == 0
     run_dir = Path(demo_raw["search"]["run_dir"])
+    candidates = json.loads((run_dir / "best_policy.json").read_text())["selection"]["candidates"]
+    assert {c["source"] for c in candidates} >= {"uniform", "global"}  # global magnitude is a rule here too
     assert main(["export", str(run_dir)]) == 0
     exported = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert exported["nonzero_params"] <= 0.3 * exported["params"] + 1
