@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from amc.checkpoint import load_model
 from amc.metrics import count_macs
 from amc.search import read_episodes
@@ -46,11 +48,23 @@ def test_benchmark_records_every_method_and_resumes(demo_raw, tmp_path):
         assert r["best_reward"] == max(e["reward"] for e in episodes)
         assert sorted(r["rule_rewards"]) == ["global", "uniform"] and all(-1 < v < 0 for v in r["rule_rewards"].values())
         assert r["select_lead"] > 0 or r["answer_source"] != "search"
+        selection = json.loads((out / "runs" / f"{r['method']}_t0.5_s{r['seed']}" / "best_policy.json").read_text())
+        searched_scores = [c["select_metric"] for c in selection["selection"]["candidates"] if c["source"] == "search"]
+        assert r["select_top_k"] == len(searched_scores) and r["select_top_k_mean"] == pytest.approx(
+            sum(searched_scores) / len(searched_scores))
     table, diagnostics, versus = (out / "results.md").read_text().strip().split("\n\n")
     (versus_row,) = [line.split("|")[1:-1] for line in versus.splitlines()[2:]]  # AMC - random, paired by seed
     by = {(r["method"], r["seed"]): r for r in records}
     gap = sum(100 * (by["amc", s]["best_reward"] - by["random", s]["best_reward"]) for s in (0, 1)) / 2
     assert versus_row[1].strip() == "0 1" and versus_row[2].strip().startswith(f"{gap:+.2f} [")
+    top_k_gap = sum(100 * (by["amc", s]["select_top_k_mean"] - by["random", s]["select_top_k_mean"]) for s in (0, 1)) / 2
+    assert "top-K mean select top-1" in versus and versus_row[3].strip().startswith(f"{top_k_gap:+.2f} [")
+
+    # a results file written before a diagnostic existed gains it from the run folders
+    stripped = [{k: v for k, v in r.items() if k not in ("select_top_k_mean", "select_top_k")} for r in records]
+    (out / "results.json").write_text(json.dumps(stripped))
+    refreshed = run(config, out, "--seeds", "0", "1", "--finetune-epochs", "1", "--refresh")
+    assert refreshed == records
     assert [line.split("|")[1].strip() for line in diagnostics.splitlines()[2:]] == ["amc", "random"]
     assert "best reward" in diagnostics and "select lead" in diagnostics
     lines = table.splitlines()
