@@ -100,6 +100,30 @@ def test_rescore_measures_the_best_episodes_on_test(demo_raw, tmp_path, capsys):
     assert rescore.main([str(tmp_path / "missing")]) == 2
 
 
+def test_repair_noise_rescores_the_best_policies_with_other_repair_samples(demo_raw, tmp_path, capsys):
+    import repair_noise
+
+    demo_raw["search"]["calibration"] = "both"  # least squares and adaptive BN: both draw a sample
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    run(config, tmp_path / "bench", "--seeds", "0", "--methods", "amc", "--finetune-epochs", "0")
+    run_dir = tmp_path / "bench" / "runs" / "amc_t0.5_s0"
+    capsys.readouterr()
+    assert repair_noise.main([str(run_dir), "--top", "2", "--samples", "3"]) == 0
+    out = capsys.readouterr().out
+    rows = {r[0].strip(): [float(v) for v in r[1:]] for r in
+            (line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| "))
+            if r[0].strip() != "policy"}
+    assert len(rows) == 4 and {"uniform", "global"} <= set(rows)
+    selection = json.loads((run_dir / "best_policy.json").read_text())["selection"]["candidates"]
+    for rule in ("uniform", "global"):  # the run's own sample reproduces the selection step's scores
+        (recorded,) = [c["select_metric"] for c in selection if c["source"] == rule]
+        assert rows[rule][0] == pytest.approx(100 * recorded, abs=0.006)
+    assert any(row[-1] > 0 for row in rows.values())  # other samples move the scores
+    assert "Spearman between samples" in out
+    assert repair_noise.main([str(run_dir), "--samples", "1"]) == 2
+    assert repair_noise.main([str(tmp_path / "missing")]) == 2
+
+
 def test_quantize_benchmark_compares_search_uniform_and_sensitivity(demo_raw, tmp_path):
     demo_raw["search"].update(mode="quantize", resource="size")
     config = write_config(tmp_path / "demo.yaml", demo_raw)
