@@ -154,8 +154,9 @@ class SearchConfig(Section):
     calibration: Literal["bn", "lsq", "both", "none"] = "bn"
     calib_batches: int = Field(16, ge=0)
     reconstruct_samples: int = Field(
-        512, gt=0, description=(
-            "images whose feature maps fit the least-squares reconstruction (and calibrate activation ranges)")
+        1024, gt=0, description=(
+            "images whose feature maps fit the least-squares reconstruction (and calibrate activation ranges); "
+            "256 overfits the deep, small-map layers and makes the reward noisy (docs/benchmarks.md, session 6)")
     )
     min_bits: int = Field(2, ge=2, le=8, description="quantize / joint: the narrowest bit width a step may take")
     max_bits: int = Field(8, ge=2, le=8, description="quantize / joint: the widest bit width a step may take")
