@@ -32,6 +32,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from scipy import stats
@@ -55,9 +56,13 @@ METHODS = SEARCHED + RULES
 BIT_RULES = ("sensitivity",)  # quantize mode (uniform is the uniform bit width there)
 
 
+def run_folder(out: Path, method: str, target: float, seed: int) -> Path:
+    return out / "runs" / f"{method}_t{target}_s{seed}"
+
+
 def configure(args, method: str, target: float, seed: int, out: Path):
     overrides = [f"search.target={target}", f"agent.seed={seed}",
-                 f"search.run_dir={out / f'runs/{method}_t{target}_s{seed}'}"]
+                 f"search.run_dir={run_folder(out, method, target, seed)}"]
     if args.episodes:
         overrides.append(f"search.episodes={args.episodes}")
     raw = apply_overrides(read_yaml(args.config), args.overrides + overrides)
@@ -108,14 +113,13 @@ def refresh_diagnostics(out: Path) -> None:
     """Re-derive the searched records' diagnostics from their run folders (where they are still
     there), so a results file written before a diagnostic existed gains it without new searches."""
     def refreshed(record: dict) -> dict:
-        run_dir = out / "runs" / f"{record['method']}_t{record['target']}_s{record['seed']}"
+        run_dir = run_folder(out, record["method"], record["target"], record["seed"])
         if record["method"] not in SEARCHED or not (run_dir / "best_policy.json").is_file():
             return record
         answer = json.loads((run_dir / "best_policy.json").read_text())
         return {**record, **search_diagnostics(answer, read_episodes(run_dir))}
 
-    path = out / "results.json"
-    atomic_write_json(path, [refreshed(r) for r in read_records(path)])
+    update_records(out / "results.json", lambda records: [refreshed(r) for r in records])
 
 
 def evaluate(cfg, keep: list[int], workspace: Workspace, epochs: int) -> dict:
@@ -133,14 +137,18 @@ def evaluate(cfg, keep: list[int], workspace: Workspace, epochs: int) -> dict:
             "test_top1_after_ft": after}
 
 
-def append_record(path: Path, record: dict) -> None:
-    """Add one record to the results file under a lock, so several benchmark processes can share it."""
+def update_records(path: Path, change: Callable[[list[dict]], list[dict]]) -> None:
+    """Rewrite the results file under a lock, so several benchmark processes can share it."""
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         fcntl.flock(directory, fcntl.LOCK_EX)
-        atomic_write_json(path, read_records(path) + [record])
+        atomic_write_json(path, change(read_records(path)))
     finally:
         os.close(directory)
+
+
+def append_record(path: Path, record: dict) -> None:
+    update_records(path, lambda records: records + [record])
 
 
 def read_records(path: Path) -> list[dict]:
