@@ -23,6 +23,7 @@ from amc.metrics import accuracy
 from amc.quantization import refold_batchnorm, unfold_batchnorm
 from amc.report import comparison_table, human, plot_episodes, plot_policy, table
 from amc.search import BEST_FILE, load_run_config, read_episodes, search
+from amc.selection import images_to_separate
 from amc.train import fit
 
 
@@ -266,6 +267,9 @@ def answer_note(answer: dict) -> str:
         lines[0] += (f"; {leader} led the {margin['rule']} rule by "
                      f"{100 * margin['search_lead']:.2f} points, {'not ' if margin['kept_rule'] else ''}more than "
                      f"{margin['margin']:g} x {100 * margin['paired_se']:.2f} (paired standard error)")
+        if needed := images_to_separate(margin):
+            lines.append(f"a lead this size would clear the margin on about {needed} selection images "
+                         f"(now {margin['images']}): raise data.select_size and retrain the base model with them held out")
     over_images = "" if noise["bootstrap_se"] is None else f"±{100 * noise['bootstrap_se']:.2f} points over images, "
     lines.append(f"reward noise: {over_images}±{100 * noise['calibration_spread']:.2f} over calibration samples")
     if rewards := best_rewards(selection["candidates"]):

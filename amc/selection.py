@@ -122,8 +122,21 @@ def select(workspace: Workspace, candidates: list[Candidate], reward_of: Callabl
     lead = candidates[best].select_metric - candidates[rule].select_metric  # rules exist under a budget: same order
     se = paired_standard_error(hits[best], hits[rule])
     decision = {"rule": candidates[rule].source, "search_lead": lead, "paired_se": se, "margin": margin,
-                "search_episode": candidates[best].episode, "kept_rule": bool(lead <= margin * se)}
+                "search_episode": candidates[best].episode, "kept_rule": bool(lead <= margin * se),
+                "images": len(hits[best])}
     return candidates[rule if decision["kept_rule"] else best], decision
+
+
+def images_to_separate(decision: dict) -> int | None:
+    """Selection images at which the kept rule's deficit would clear the margin, if the lead held.
+
+    The paired standard error falls as one over the square root of the images, so a positive lead
+    that fell short of ``margin`` standard errors would clear it on about
+    ``images * (margin * se / lead) ** 2`` images. None when the search won or did not lead.
+    """
+    if not decision.get("kept_rule") or decision["search_lead"] <= 0 or "images" not in decision:
+        return None
+    return math.ceil(decision["images"] * (decision["margin"] * decision["paired_se"] / decision["search_lead"]) ** 2)
 
 
 def reward_noise(workspace: Workspace, keep: list[int], seed: int = 0) -> dict:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,8 @@ def test_a_searched_policy_must_lead_the_best_rule_by_the_margin(demo_cfg):
     its lead over the best rule exceeds ``margin`` paired standard errors on the same images."""
     from amc.baselines import baseline_policy
     from amc.factory import Workspace
-    from amc.selection import Candidate, paired_standard_error, score_on_split, select
+    from amc.pipeline import answer_note
+    from amc.selection import Candidate, images_to_separate, paired_standard_error, score_on_split, select
 
     ws = Workspace(demo_cfg)
     policies = {m: baseline_policy(demo_cfg, m, ws) for m in ("uniform", "global", "deep", "shallow", "random")}
@@ -106,6 +108,16 @@ def test_a_searched_policy_must_lead_the_best_rule_by_the_margin(demo_cfg):
         assert answer.source == (rule if kept_rule else "search")
         assert decision["kept_rule"] is kept_rule and decision["rule"] == rule and decision["search_episode"] == 7
         assert decision["search_lead"] == pytest.approx(lead) and decision["paired_se"] == pytest.approx(se)
+        needed = images_to_separate(decision)
+        if kept_rule:  # the lead would just clear the margin on that many images, the SE falling as 1/sqrt(n)
+            assert decision["images"] == len(diff) < needed
+            assert margin * se * (len(diff) / needed) ** 0.5 <= lead < margin * se * (len(diff) / (needed - 1)) ** 0.5
+            note = answer_note({"source": rule, "episode": None, "noise": {"bootstrap_se": 0.01, "calibration_spread": 0.0},
+                                "selection": {"split": "select", "margin": decision,
+                                              "candidates": [asdict(c) for c in candidates()]}})
+            assert f"about {needed} selection images (now {len(diff)})" in note
+        else:
+            assert needed is None
     answer, decision = select(ws, candidates()[1:], lambda error, keep: -error, margin=100.0)
     assert answer.source == rule and decision == {}  # a rule won outright: nothing to decide
 
