@@ -4,6 +4,7 @@ runs split across processes (seeds here) share one results file and resume witho
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -122,6 +123,40 @@ def test_repair_noise_rescores_the_best_policies_with_other_repair_samples(demo_
     assert "Spearman between samples" in out
     assert repair_noise.main([str(run_dir), "--samples", "1"]) == 2
     assert repair_noise.main([str(tmp_path / "missing")]) == 2
+
+
+def test_paired_best_scores_two_searches_best_policies_on_the_same_images(demo_raw, tmp_path, capsys):
+    import paired_best
+    import yaml
+
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    run(config, tmp_path / "bench", "--seeds", "0", "--methods", "amc", "--finetune-epochs", "0")
+    run(config, tmp_path / "bench", "--seeds", "1", "--methods", "random", "--finetune-epochs", "0")
+    runs = [tmp_path / "bench" / "runs" / name for name in ("amc_t0.5_s0", "random_t0.5_s1")]
+    capsys.readouterr()
+    assert paired_best.main([str(r) for r in runs]) == 0
+    rows = {r[0].strip(): [float(v) for v in r[1:]] for r in
+            (line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| "))
+            if r[0].strip() != "split"}
+    assert set(rows) == {"reward-val", "select"}
+    for run_dir, column in zip(runs, (0, 1)):  # each best policy scores as the run's selection step scored it
+        searched = [c for c in json.loads((run_dir / "best_policy.json").read_text())["selection"]["candidates"]
+                    if c["source"] == "search"]
+        best = max(searched, key=lambda c: c["reward"])
+        assert rows["select"][column] == pytest.approx(100 * best["select_metric"], abs=0.006)
+    for a, b, diff, se, disagree in rows.values():
+        assert diff == pytest.approx(a - b, abs=0.011) and se >= 0 and 0 <= disagree <= 1
+        assert (se > 0) == (disagree > 0)
+
+    other = tmp_path / "other_base"  # the same weights under another path: another base model to the runs
+    shutil.copytree(runs[1], other)
+    raw = yaml.safe_load((other / "config.yaml").read_text())
+    shutil.copy(raw["model"]["checkpoint"], tmp_path / "base_copy.pt")
+    raw["model"]["checkpoint"] = str(tmp_path / "base_copy.pt")
+    (other / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert paired_best.main([str(runs[0]), str(other)]) == 2
+    assert "another base model or data split" in capsys.readouterr().err
+    assert paired_best.main([str(runs[0]), str(tmp_path / "missing")]) == 2
 
 
 def test_quantize_benchmark_compares_search_uniform_and_sensitivity(demo_raw, tmp_path):
