@@ -128,7 +128,7 @@ def select(workspace: Workspace, candidates: list[Candidate], reward_of: Callabl
 
 
 def images_to_separate(decision: dict) -> int | None:
-    """Selection images at which the kept rule's deficit would clear the margin, if the lead held.
+    """Selection images on which the search's lead over the kept rule would clear the margin, if it held.
 
     The paired standard error falls as one over the square root of the images, so a positive lead
     that fell short of ``margin`` standard errors would clear it on about
