@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amc.config import Config
 from amc.data import split_signature
 from amc.errors import UserError
 from amc.factory import Workspace
@@ -29,13 +30,12 @@ from amc.search import load_run_config, read_episodes
 from amc.selection import paired_standard_error, score_on_split, top_policies
 
 
-def best_policy_hits(run_dir: Path, splits: list[str]) -> tuple[dict, dict[str, np.ndarray]]:
-    """The run's config and its best policy's per-image hits on each split."""
-    cfg = load_run_config(run_dir)
+def best_policy_hits(cfg: Config, run_dir: Path, splits: list[str]) -> dict[str, np.ndarray]:
+    """The run's best policy's per-image hits on each split."""
     workspace = Workspace(cfg)
     space = workspace.base_space
     (best,) = top_policies(read_episodes(run_dir), space.names, space.sizes, 1)
-    return cfg, {split: score_on_split(workspace, best.keep, split) for split in splits}
+    return {split: score_on_split(workspace, best.keep, split) for split in splits}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", nargs="+", default=["reward_val", "select"], choices=["reward_val", "select", "test"])
     args = p.parse_args(argv)
     try:
-        cfg_a, hits_a = best_policy_hits(args.run_a, args.splits)
-        cfg_b, hits_b = best_policy_hits(args.run_b, args.splits)
+        cfg_a, cfg_b = load_run_config(args.run_a), load_run_config(args.run_b)
         if (split_signature(cfg_a.data, cfg_a.seed), cfg_a.model) != (split_signature(cfg_b.data, cfg_b.seed), cfg_b.model):
             raise UserError(f"{args.run_b} searched another base model or data split than {args.run_a}; "
                             "their policies are not scored on the same images", field="run_b")
+        hits_a = best_policy_hits(cfg_a, args.run_a, args.splits)
+        hits_b = best_policy_hits(cfg_b, args.run_b, args.splits)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
