@@ -7,10 +7,16 @@ global magnitude, and the paper's deep / shallow) are deterministic and run once
 goes through the same export (the search's repair), is measured on test before fine-tuning,
 fine-tuned for the same epochs and measured on test again. Seeds vary the agent and the random
 search only: the data split (and so the base model's training set) stays the one the base model
-was trained with.
+was trained with. With ``--vary-base`` a seed also stands for a base model: seed s trains (when
+missing) and uses the base at ``model.checkpoint`` with ``{seed}`` replaced by s, trained with
+config ``seed: s`` (its own held-out images, initialisation and batch order); the rules then run
+on every seed's base and each search is compared with the rules on its own base. One base is one
+sample: how well a rule survives pruning differs from base to base by more than the searches do.
 
     python scripts/benchmark.py --config configs/resnet20_fmnist.yaml --targets 0.5 0.25 \\
         --seeds 0 1 2 --episodes 400 --out docs/results/resnet20_fmnist
+    python scripts/benchmark.py --config configs/vgg16_fmnist.yaml --targets 0.25 --seeds 0 1 2 \\
+        --episodes 400 --vary-base --set model.checkpoint=checkpoints/vgg16_fmnist_s{seed}.pt --out ...
 
 writes OUT/results.json (one record per method x target x seed; finished records are skipped,
 so an interrupted benchmark resumes) and OUT/results.md: mean ± standard deviation over seeds,
@@ -45,7 +51,7 @@ from amc.factory import Workspace, seed_everything
 from amc.files import atomic_write_json, atomic_write_text
 from amc.metrics import accuracy
 from amc.parallel import run_jobs
-from amc.pipeline import finetune_model
+from amc.pipeline import finetune_model, train_base
 from amc.report import plot_policy, table
 from amc.search import read_episodes, search
 
@@ -60,15 +66,39 @@ def run_folder(out: Path, method: str, target: float, seed: int) -> Path:
     return out / "runs" / f"{method}_t{target}_s{seed}"
 
 
+BASE_SEED = "{seed}"  # in model.checkpoint under --vary-base: the seed of the base model
+
+
 def configure(args, method: str, target: float, seed: int, out: Path):
     overrides = [f"search.target={target}", f"agent.seed={seed}",
                  f"search.run_dir={run_folder(out, method, target, seed)}"]
     if args.episodes:
         overrides.append(f"search.episodes={args.episodes}")
-    raw = apply_overrides(read_yaml(args.config), args.overrides + overrides)
+    raw = base_raw(args, seed, overrides)
     if method == "random":  # random search = the same loop, every episode a uniform-random warmup episode
         raw.setdefault("agent", {})["warmup_episodes"] = raw["search"].get("episodes", 300)
     return config_from_dict(raw, source=args.config)
+
+
+def base_raw(args, seed: int, overrides: list[str] = ()) -> dict:
+    """The config as a dict with the command line's overrides; under ``--vary-base`` on seed's base."""
+    raw = apply_overrides(read_yaml(args.config), args.overrides + list(overrides))
+    if args.vary_base:
+        checkpoint = raw.get("model", {}).get("checkpoint")
+        if not isinstance(checkpoint, str) or BASE_SEED not in checkpoint:
+            raise UserError(f"--vary-base needs a path with {BASE_SEED} in it (one base per seed), got {checkpoint!r}",
+                            where=args.config, field="model.checkpoint")
+        raw["seed"] = seed
+        raw["model"]["checkpoint"] = checkpoint.replace(BASE_SEED, str(seed))
+    return raw
+
+
+def train_missing_base(args, seed: int) -> dict | None:
+    """Train seed's base model (``amc train``'s recipe) unless its checkpoint exists; its test metrics."""
+    cfg = config_from_dict(base_raw(args, seed), source=args.config)
+    if Path(cfg.model.checkpoint).is_file():
+        return None
+    return {"seed": seed, "checkpoint": cfg.model.checkpoint, **train_base(cfg, progress=False)}
 
 
 def policy_for(method: str, cfg, workspace: Workspace) -> tuple[list[int], dict]:
@@ -169,18 +199,22 @@ def summarize(records: list[dict]) -> str:
     for r in records:
         groups.setdefault((r["target"], r["method"]), []).append(r)
 
+    def measured(rs: list[dict], key: str) -> list[dict]:  # "after FT" only where it fine-tuned
+        return [r for r in rs if key in r and (key != "test_top1_after_ft" or r["finetune_epochs"])]
+
     def pct(rs: list[dict], key: str) -> list[float]:
-        return [100 * r[key] for r in rs if key in r and (key != "test_top1_after_ft" or r["finetune_epochs"])]
+        return [100 * r[key] for r in measured(rs, key)]
 
     order = METHODS + HANDCRAFTED + BIT_RULES
     quantized = any(r.get("bitops", 1024 * r["macs"]) < 1024 * r["macs"] for r in records)  # below 32x32-bit MACs
     rows = []
     for (target, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], order.index(kv[0][1]))):
-        rules = [groups[(target, m)][0] for m in RULES + HANDCRAFTED + BIT_RULES if (target, m) in groups]
+        rules = {m: groups[(target, m)] for m in RULES + HANDCRAFTED + BIT_RULES if (target, m) in groups}
         diffs = []
         for key in ("test_top1_before_ft", "test_top1_after_ft"):
-            best_rule = max((r for r in rules if key in r), key=lambda r: r[key], default=None)
-            diffs.append(paired_difference(pct(rs, key), 100 * best_rule[key], best_rule["method"])
+            scored = {m: measured(rr, key) for m, rr in rules.items() if measured(rr, key)}
+            best_rule = max(scored, key=lambda m: statistics.mean(pct(scored[m], key)), default=None)
+            diffs.append(mean_interval(differences_to_rule(measured(rs, key), scored[best_rule], key), f" ({best_rule})")
                          if method in SEARCHED and best_rule else "-")
         rows.append([method, f"{target:.4g}", f"{statistics.mean(r['macs'] for r in rs) / 1e6:.2f}M",
                      f"{statistics.mean(r.get('nonzero_params', r['params']) for r in rs) / 1e3:.1f}K",
@@ -205,7 +239,7 @@ def diagnostics_table(groups: dict[tuple, list[dict]]) -> str:
         rs = [r for r in rs if "best_reward" in r]
         if method not in SEARCHED or not rs:
             continue
-        rule_rewards = rs[0]["rule_rewards"]
+        rule_rewards = {rule: statistics.mean(r["rule_rewards"][rule] for r in rs) for rule in rs[0]["rule_rewards"]}
         rows.append([method, f"{target:.4g}", stat([r["best_reward"] for r in rs], 4),
                      " ".join(f"{k} {v:.4f}" for k, v in rule_rewards.items()),
                      stat([100 * r["select_lead"] for r in rs]),
@@ -217,9 +251,14 @@ def diagnostics_table(groups: dict[tuple, list[dict]]) -> str:
                             "its paired SE", "answers from search"], rows, markdown=True)
 
 
-def paired_difference(values: list[float], rule: float, rule_name: str) -> str:
-    """Mean difference to a deterministic rule with its 95% t interval over seeds."""
-    return mean_interval([v - rule for v in values], f" ({rule_name})")
+def differences_to_rule(searched: list[dict], rule_records: list[dict], key: str) -> list[float]:
+    """Each searched record's ``key`` minus the rule's on the same base model, in points. A rule is
+    deterministic on one base: one record per base (``--vary-base``: a base it has not run on yet
+    is left out), or one record for a benchmark on one base (records from before ``base`` was kept)."""
+    if len(rule_records) == 1:
+        return [100 * (r[key] - rule_records[0][key]) for r in searched]
+    on_base = {r["base"]: r for r in rule_records}
+    return [100 * (r[key] - on_base[r["base"]][key]) for r in searched if r.get("base") in on_base]
 
 
 def mean_interval(diffs: list[float], suffix: str = "", digits: int = 2) -> str:
@@ -280,7 +319,8 @@ def run_job(args: argparse.Namespace, method: str, target: float, seed: int) -> 
             raise
         print(f"{method} at target {target}: skipped: {exc}", file=sys.stderr, flush=True)
         return None
-    record = {"method": method, "target": target, "seed": seed, "keep": keep, "finetune_epochs": epochs,
+    record = {"method": method, "target": target, "seed": seed, "base": cfg.model.checkpoint, "keep": keep,
+              "finetune_epochs": epochs,
               "finetune_max_steps": cfg.finetune.max_steps, **found, **evaluate(cfg, keep, workspace, epochs)}
     append_record(args.out / "results.json", record)
     return record
@@ -301,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="local worker processes, or Ray tasks (RAY_ADDRESS or --ray-address joins a cluster)")
     p.add_argument("--threads", type=int, help="torch threads per job (default: cores / workers)")
     p.add_argument("--ray-address")
+    p.add_argument("--vary-base", action="store_true",
+                   help=f"seed s also trains and uses its own base model: model.checkpoint with {BASE_SEED} -> s, config seed s")
     p.add_argument("--refresh", action="store_true",
                    help="re-derive the recorded searches' diagnostics from OUT/runs before the table")
     args = p.parse_args(argv)
@@ -309,9 +351,18 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.refresh:
         refresh_diagnostics(args.out)
+    try:  # bases first: every job of a seed needs its base, and two jobs must not both train it
+        for base in run_jobs(train_missing_base, [(args, seed) for seed in args.seeds if args.vary_base],
+                             args.backend, args.workers, args.threads, args.ray_address):
+            if base is not None:
+                print(json.dumps({"base": base}), flush=True)
+    except UserError as exc:
+        print(f"benchmark: {exc}", file=sys.stderr)
+        return 2
     done = recorded(results_path)
     jobs = [(args, method, target, seed) for target in args.targets for method in args.methods
-            for seed in (args.seeds if method in SEARCHED else args.seeds[:1])  # rules are deterministic
+            # rules are deterministic on one base: once, or on every seed's base
+            for seed in (args.seeds if method in SEARCHED or args.vary_base else args.seeds[:1])
             if (method, target, seed) not in done]
     for record in run_jobs(run_job, jobs, args.backend, args.workers, args.threads, args.ray_address):
         if record is not None:

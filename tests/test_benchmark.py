@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from amc.checkpoint import load_model
+from amc.checkpoint import BASE_FORMAT, load_checkpoint, load_model
 from amc.metrics import count_macs
 from amc.search import read_episodes
 from conftest import ROOT, write_config
@@ -193,3 +193,32 @@ def test_a_handcrafted_rule_that_cannot_reach_the_budget_is_skipped(demo_raw, tm
                   "--finetune-epochs", "0", "--targets", "0.15")
     assert [r["method"] for r in records] == ["uniform"]
     assert "deep at target 0.15: skipped: search.target: even the smallest policy costs" in capsys.readouterr().err
+
+
+def test_vary_base_trains_a_base_per_seed_and_pairs_searches_with_rules_on_their_base(demo_raw, tmp_path, capsys):
+    """--vary-base: seed s prunes its own base (trained when missing, on the split of config seed s),
+    the rules run on every base, and a search's difference to the best rule is paired by base."""
+    shutil.copy(demo_raw["model"]["checkpoint"], tmp_path / "base_s0.pt")  # the fixture's base: seed 0's
+    seed0_bytes = (tmp_path / "base_s0.pt").read_bytes()
+    demo_raw["model"]["checkpoint"] = str(tmp_path / "base_s{seed}.pt")
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    out = tmp_path / "bench"
+    records = run(config, out, "--seeds", "0", "1", "--methods", "amc", "uniform", "--finetune-epochs", "0",
+                  "--vary-base", "--set", "train.epochs=3")
+
+    assert (tmp_path / "base_s0.pt").read_bytes() == seed0_bytes  # present: not retrained
+    assert load_checkpoint(tmp_path / "base_s1.pt", BASE_FORMAT)["split"]["seed"] == 1
+    by = {(r["method"], r["seed"]): r for r in records}
+    assert sorted(by) == [("amc", 0), ("amc", 1), ("uniform", 0), ("uniform", 1)]  # the rule on both bases
+    for (method, seed), r in by.items():
+        assert r["base"] == str(tmp_path / f"base_s{seed}.pt")
+    assert by["uniform", 0]["keep"] != by["uniform", 1]["keep"] or by["uniform", 0]["test_top1_before_ft"] != by[
+        "uniform", 1]["test_top1_before_ft"]  # two bases, two measurements of the rule
+    gap = sum(100 * (by["amc", s]["test_top1_before_ft"] - by["uniform", s]["test_top1_before_ft"]) for s in (0, 1)) / 2
+    amc_row = (out / "results.md").read_text().splitlines()[2].split("|")
+    assert amc_row[1].strip() == "amc" and amc_row[7].strip().startswith(f"{gap:+.2f} [")
+
+    demo_raw["model"]["checkpoint"] = str(tmp_path / "base.pt")  # one file cannot be a base per seed
+    config = write_config(tmp_path / "one_base.yaml", demo_raw)
+    assert benchmark.main(["--config", str(config), "--vary-base", "--out", str(tmp_path / "other")]) == 2
+    assert "model.checkpoint: --vary-base needs a path with {seed} in it" in capsys.readouterr().err
