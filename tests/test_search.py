@@ -179,8 +179,9 @@ def wait_for_rows(csv_path: Path, count: int, process: subprocess.Popen, timeout
 JOINT = {"mode": "joint", "resource": "bitops", "target": 0.03, "quantize_activations": True, "precision": "fp32"}
 
 
-@pytest.mark.parametrize("workers, mode, episodes, kills", [(1, {}, 20, (0, 4, 15)), (2, {}, 20, (0, 4, 15)),
-                                                            (1, JOINT, 12, (0, 4, 11))],
+# a kill before the first episode is the same in every variant: the serial channel search covers it
+@pytest.mark.parametrize("workers, mode, episodes, kills", [(1, {}, 20, (0, 4, 15)), (2, {}, 20, (4, 15)),
+                                                            (1, JOINT, 12, (4, 11))],
                          ids=["channels", "2-workers", "joint"])
 def test_sigkill_at_several_points_then_resume_matches_uninterrupted(demo_raw, tmp_path, workers, mode, episodes,
                                                                      kills):
