@@ -189,7 +189,8 @@ def main() -> None:
         print(f"fidelity ({calibration}, {args.policies} random clipped policies + the base model, "
               f"{time.perf_counter() - started:.1f} s):")
         for precision, c in report["candidates"].items():
-            print(f"  {precision} vs fp32: Spearman {c['spearman']:.4f}, mean |top-1 difference| "
+            print(f"  {precision} vs fp32: Spearman {c['spearman']:.4f}, {c['reordered_pairs']} pairs reordered "
+                  f"beyond the allowed difference, mean |top-1 difference| "
                   f"{100 * c['mean_abs_diff']:.3f} points (allowed < {100 * c['allowed_mean_abs_diff']:.3f}), "
                   f"max {100 * c['max_abs_diff']:.3f}, passed {c['passed']}")
         if not report["candidates"]:

@@ -15,7 +15,7 @@ from amc.baselines import uniform_policy
 from amc.config import config_from_dict
 from amc.errors import UserError
 from amc.factory import env_from_config
-from amc.fidelity import check_fidelity, rank_correlation
+from amc.fidelity import check_fidelity, compare, rank_correlation
 from amc.inference import FastEval, batchnorm_pairs, fold_batchnorm
 from amc.metrics import accuracy
 from amc.models import build_model
@@ -90,7 +90,7 @@ def test_fidelity_check_falls_back_to_fp32_and_leaves_the_rng_alone(demo_raw, tm
     env = demo_env(demo_raw, tmp_path, precision="bf16")
     assert env.scorer.precision == "bf16"
     torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
-    kept = check_fidelity(env, tmp_path / "kept.json", policies=4, tolerance=1e9, min_rank=-1.0)
+    kept = check_fidelity(env, tmp_path / "kept.json", policies=4, tolerance=1e9)
     assert env.scorer.precision == "bf16" and kept["candidates"]["bf16"]["passed"]
     with pytest.warns(UserWarning, match="fidelity check: bf16 would change the rewards"):
         report = check_fidelity(env, tmp_path / "fidelity.json", policies=4, tolerance=0.0)
@@ -107,6 +107,19 @@ def test_fidelity_check_falls_back_to_fp32_and_leaves_the_rng_alone(demo_raw, tm
     # after the fallback, a reward is the fp32 reference error exactly
     keep = saved["keeps"][1]
     assert env.evaluate(keep)[1]["error"] == saved["fp32_errors"][1]
+
+
+def test_the_fidelity_gate_ignores_swaps_of_policies_tied_at_the_rewards_resolution():
+    """A VGG-16 search's check (5,000 reward-val images): bf16 swapped two policies that fp32 puts
+    2 images apart, well inside the allowed 0.11 points; a swap of two policies further apart fails."""
+    fp32 = [0.0782, 0.1178, 0.0982, 0.1198, 0.0932, 0.1174]
+    bf16 = [0.0782, 0.1182, 0.0976, 0.1210, 0.0934, 0.1186]
+    passed = compare(bf16, fp32, images=5000, tolerance=0.25)
+    assert passed["spearman"] < 0.95 and passed["reordered_pairs"] == 0 and passed["passed"]
+    swapped = [0.0782, 0.1182, 0.0976, 0.1160, 0.0934, 0.1186]  # 0.1198 scored below 0.1178 and 0.1174
+    failed = compare(swapped, fp32, images=5000, tolerance=0.25)
+    assert failed["reordered_pairs"] == 2 and failed["mean_abs_diff"] < failed["allowed_mean_abs_diff"]
+    assert not failed["passed"]
 
 
 def test_rank_correlation_with_ties():
