@@ -347,10 +347,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="re-derive the recorded searches' diagnostics from OUT/runs before the table")
     args = p.parse_args(argv)
 
-    results_path = args.out / "results.json"
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.refresh:
-        refresh_diagnostics(args.out)
     try:  # bases first: every job of a seed needs its base, and two jobs must not both train it
         for base in run_jobs(train_missing_base, [(args, seed) for seed in args.seeds if args.vary_base],
                              args.backend, args.workers, args.threads, args.ray_address):
@@ -359,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"benchmark: {exc}", file=sys.stderr)
         return 2
+    results_path = args.out / "results.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.refresh:
+        refresh_diagnostics(args.out)
     done = recorded(results_path)
     jobs = [(args, method, target, seed) for target in args.targets for method in args.methods
             # rules are deterministic on one base: once, or on every seed's base

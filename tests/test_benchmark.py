@@ -222,3 +222,4 @@ def test_vary_base_trains_a_base_per_seed_and_pairs_searches_with_rules_on_their
     config = write_config(tmp_path / "one_base.yaml", demo_raw)
     assert benchmark.main(["--config", str(config), "--vary-base", "--out", str(tmp_path / "other")]) == 2
     assert "model.checkpoint: --vary-base needs a path with {seed} in it" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
