@@ -9,8 +9,9 @@ fine-tuned for the same epochs and measured on test again. Seeds vary the agent 
 search only: the data split (and so the base model's training set) stays the one the base model
 was trained with. With ``--vary-base`` a seed also stands for a base model: seed s trains (when
 missing) and uses the base at ``model.checkpoint`` with ``{seed}`` replaced by s, trained with
-config ``seed: s`` (its own held-out images, initialisation and batch order); the rules then run
-on every seed's base and each search is compared with the rules on its own base. One base is one
+config ``seed: s`` (its own held-out images, initialisation and batch order; a base already
+there must record the config's training epochs); the rules then run on every seed's base and
+each search is compared with the rules on its own base. One base is one
 sample: how well a rule survives pruning differs from base to base by more than the searches do.
 
     python scripts/benchmark.py --config configs/resnet20_fmnist.yaml --targets 0.5 0.25 \\
@@ -44,6 +45,7 @@ from pathlib import Path
 from scipy import stats
 
 from amc.baselines import baseline_policy
+from amc.checkpoint import read_weights
 from amc.config import apply_overrides, config_from_dict, read_yaml
 from amc.errors import UserError
 from amc.export import measure, prune_policy
@@ -93,12 +95,21 @@ def base_raw(args, seed: int, overrides: list[str] = ()) -> dict:
     return raw
 
 
-def train_missing_base(args, seed: int) -> dict | None:
-    """Train seed's base model (``amc train``'s recipe) unless its checkpoint exists; its test metrics."""
+def prepare_base(args, seed: int) -> dict | None:
+    """Train seed's base model (``amc train``'s recipe) unless its checkpoint exists; its test metrics.
+
+    An existing base must have been trained for the config's epochs: a row whose bases were
+    trained differently would compare rules and searches across recipes, not across samples."""
     cfg = config_from_dict(base_raw(args, seed), source=args.config)
-    if Path(cfg.model.checkpoint).is_file():
-        return None
-    return {"seed": seed, "checkpoint": cfg.model.checkpoint, **train_base(cfg, progress=False)}
+    path = Path(cfg.model.checkpoint)
+    if not path.is_file():
+        return {"seed": seed, "checkpoint": str(path), **train_base(cfg, progress=False)}
+    _, record = read_weights(path)
+    epochs = ((record or {}).get("metrics") or {}).get("epochs")
+    if epochs is not None and epochs != cfg.train.epochs:
+        raise UserError(f"trained for {epochs} epochs, the config trains {cfg.train.epochs}: every seed's base must "
+                        f"follow one recipe (retrain it, or --set train.epochs={epochs})", where=str(path))
+    return None
 
 
 def policy_for(method: str, cfg, workspace: Workspace) -> tuple[list[int], dict]:
@@ -348,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     try:  # bases first: every job of a seed needs its base, and two jobs must not both train it
-        for base in run_jobs(train_missing_base, [(args, seed) for seed in args.seeds if args.vary_base],
+        for base in run_jobs(prepare_base, [(args, seed) for seed in args.seeds if args.vary_base],
                              args.backend, args.workers, args.threads, args.ray_address):
             if base is not None:
                 print(json.dumps({"base": base}), flush=True)

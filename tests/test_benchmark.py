@@ -204,7 +204,7 @@ def test_vary_base_trains_a_base_per_seed_and_pairs_searches_with_rules_on_their
     config = write_config(tmp_path / "demo.yaml", demo_raw)
     out = tmp_path / "bench"
     records = run(config, out, "--seeds", "0", "1", "--methods", "amc", "uniform", "--finetune-epochs", "0",
-                  "--vary-base", "--set", "train.epochs=3")
+                  "--vary-base")
 
     assert (tmp_path / "base_s0.pt").read_bytes() == seed0_bytes  # present: not retrained
     assert load_checkpoint(tmp_path / "base_s1.pt", BASE_FORMAT)["split"]["seed"] == 1
@@ -217,6 +217,12 @@ def test_vary_base_trains_a_base_per_seed_and_pairs_searches_with_rules_on_their
     gap = sum(100 * (by["amc", s]["test_top1_before_ft"] - by["uniform", s]["test_top1_before_ft"]) for s in (0, 1)) / 2
     amc_row = (out / "results.md").read_text().splitlines()[2].split("|")
     assert amc_row[1].strip() == "amc" and amc_row[7].strip().startswith(f"{gap:+.2f} [")
+
+    # a base trained with another recipe than the config's is refused before anything runs
+    assert benchmark.main(["--config", str(config), "--vary-base", "--seeds", "0", "1", "--set", "train.epochs=3",
+                           "--out", str(tmp_path / "mixed")]) == 2
+    assert "base_s0.pt: trained for 15 epochs, the config trains 3" in capsys.readouterr().err
+    assert not (tmp_path / "mixed").exists()
 
     demo_raw["model"]["checkpoint"] = str(tmp_path / "base.pt")  # one file cannot be a base per seed
     config = write_config(tmp_path / "one_base.yaml", demo_raw)
