@@ -264,12 +264,13 @@ def diagnostics_table(groups: dict[tuple, list[dict]]) -> str:
 
 def differences_to_rule(searched: list[dict], rule_records: list[dict], key: str) -> list[float]:
     """Each searched record's ``key`` minus the rule's on the same base model, in points. A rule is
-    deterministic on one base: one record per base (``--vary-base``: a base it has not run on yet
-    is left out), or one record for a benchmark on one base (records from before ``base`` was kept)."""
-    if len(rule_records) == 1:
-        return [100 * (r[key] - rule_records[0][key]) for r in searched]
-    on_base = {r["base"]: r for r in rule_records}
-    return [100 * (r[key] - on_base[r["base"]][key]) for r in searched if r.get("base") in on_base]
+    deterministic on one base, so it has one record per base (``--vary-base``: a base it has not
+    run on yet is left out); a record from before ``base`` was kept is on the benchmark's one base."""
+    def same_base(a: dict, b: dict) -> bool:
+        return a.get("base") is None or b.get("base") is None or a["base"] == b["base"]
+
+    pairs = [(r, next((q for q in rule_records if same_base(q, r)), None)) for r in searched]
+    return [100 * (r[key] - rule[key]) for r, rule in pairs if rule is not None]
 
 
 def mean_interval(diffs: list[float], suffix: str = "", digits: int = 2) -> str:
