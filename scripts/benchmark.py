@@ -223,7 +223,7 @@ def summarize(records: list[dict]) -> str:
         rules = {m: groups[(target, m)] for m in RULES + HANDCRAFTED + BIT_RULES if (target, m) in groups}
         diffs = []
         for key in ("test_top1_before_ft", "test_top1_after_ft"):
-            scored = {m: measured(rr, key) for m, rr in rules.items() if measured(rr, key)}
+            scored = {m: rr_measured for m, rr in rules.items() if (rr_measured := measured(rr, key))}
             best_rule = max(scored, key=lambda m: statistics.mean(pct(scored[m], key)), default=None)
             diffs.append(mean_interval(differences_to_rule(measured(rs, key), scored[best_rule], key), f" ({best_rule})")
                          if method in SEARCHED and best_rule else "-")
