@@ -49,6 +49,9 @@ MIN_FREE_BYTES = 64 * 2**20
 # from a GPU to a CPU).
 RESUMABLE = ("search.episodes", "device", "search.workers", "search.backend", "search.worker_threads",
              "search.worker_timeout", "ray.address")
+# Where the run folder is: a run may be moved or copied (e.g. to branch a finished search into a
+# longer one) and continued in its new place.
+LOCATION = ("search.run_dir",)
 METRIC_COLUMNS = ["episode", "reward", "error", "cost_ratio", "macs_ratio", "params_ratio", "latency_ms_ratio",
                   "sigma", "seconds", "calibrate_seconds", "eval_seconds"]
 
@@ -97,7 +100,7 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config
 
 
 def refuse_changes(old: dict, new: dict, where: Path) -> None:
-    diffs = [d for d in config_differences(old, new) if d not in RESUMABLE]
+    diffs = [d for d in config_differences(old, new) if d not in RESUMABLE + LOCATION]
     if diffs:
         raise UserError(f"config differs from the run's in {', '.join(diffs)}; only search.episodes and where "
                         f"the scoring runs ({', '.join(RESUMABLE[1:])}) may change on resume "

@@ -376,9 +376,13 @@ def main(argv: list[str] | None = None) -> int:
             # rules are deterministic on one base: once, or on every seed's base
             for seed in (args.seeds if method in SEARCHED or args.vary_base else args.seeds[:1])
             if (method, target, seed) not in done]
-    for record in run_jobs(run_job, jobs, args.backend, args.workers, args.threads, args.ray_address):
-        if record is not None:
-            print(json.dumps({k: v for k, v in record.items() if k != "keep"}), flush=True)
+    try:  # a finished job's record is already in results.json: a rerun resumes after the one that failed
+        for record in run_jobs(run_job, jobs, args.backend, args.workers, args.threads, args.ray_address):
+            if record is not None:
+                print(json.dumps({k: v for k, v in record.items() if k != "keep"}), flush=True)
+    except UserError as exc:
+        print(f"benchmark: {exc}", file=sys.stderr)
+        return 2
     markdown = summarize(read_records(results_path))
     atomic_write_text(args.out / "results.md", markdown + "\n")
     print(markdown)

@@ -229,3 +229,25 @@ def test_vary_base_trains_a_base_per_seed_and_pairs_searches_with_rules_on_their
     assert benchmark.main(["--config", str(config), "--vary-base", "--out", str(tmp_path / "other")]) == 2
     assert "model.checkpoint: --vary-base needs a path with {seed} in it" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_a_copied_search_continues_longer_and_a_job_error_is_one_line(demo_raw, tmp_path, capsys):
+    """A finished benchmark's run folders, copied to a new OUT, continue to more episodes (a longer
+    search branched from a shorter one); a job that cannot run stops the benchmark in one line."""
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    short, longer, changed = tmp_path / "short", tmp_path / "longer", tmp_path / "changed"
+    run(config, short, "--seeds", "0", "--methods", "amc", "--finetune-epochs", "0")
+    for out in (longer, changed):
+        shutil.copytree(short / "runs", out / "runs")
+
+    (record,) = run(config, longer, "--seeds", "0", "--methods", "amc", "--finetune-epochs", "0", "--episodes", "5")
+    first, continued = (read_episodes(out / "runs" / "amc_t0.5_s0") for out in (short, longer))
+    assert record["episodes"] == 5 and len(continued) == 5
+    assert [e["reward"] for e in continued[:3]] == [e["reward"] for e in first]
+
+    assert benchmark.main(["--config", str(config), "--targets", "0.5", "--episodes", "3", "--seeds", "0",
+                           "--methods", "amc", "--set", "agent.warmup_episodes=2", "--set", "agent.tau=0.1",
+                           "--out", str(changed)]) == 2
+    err = capsys.readouterr().err
+    assert "config differs from the run's in agent.tau" in err and "Traceback" not in err
+    assert len(read_episodes(changed / "runs" / "amc_t0.5_s0")) == 3

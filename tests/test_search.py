@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -243,15 +244,18 @@ def test_resume_refuses_a_changed_config(demo_cfg, tmp_path):
     assert len(rows(run_dir)) == 3
 
 
-def test_resume_may_move_the_search_to_another_device(demo_cfg, tmp_path):
+def test_resume_may_move_the_search_to_another_device_and_folder(demo_cfg, tmp_path):
     """A search started with one device setting continues under another (a GPU run finished on a
-    CPU); here both are the CPU, so the continued run equals an uninterrupted one."""
-    def episodes(cfg, n):
-        return cfg.model_copy(update={"search": cfg.search.model_copy(update={"episodes": n})})
+    CPU), and in another folder (a run copied to branch it into a longer one); here both devices
+    are the CPU, so the continued run equals an uninterrupted one."""
+    def episodes(cfg, n, run_dir):
+        return cfg.model_copy(update={"search": cfg.search.model_copy(update={"episodes": n, "run_dir": str(run_dir)})})
 
     started = demo_cfg.model_copy(update={"device": "auto"})
-    search(episodes(started, 5), tmp_path / "whole", progress=False)
-    search(episodes(started, 3), tmp_path / "moved", progress=False)
+    search(episodes(started, 5, tmp_path / "whole"), tmp_path / "whole", progress=False)
+    search(episodes(started, 3, tmp_path / "first"), tmp_path / "first", progress=False)
+    shutil.copytree(tmp_path / "first", tmp_path / "moved")
     moved = started.model_copy(update={"device": "cpu"})
-    search(episodes(moved, 5), tmp_path / "moved", resume=True, progress=False)
+    search(episodes(moved, 5, tmp_path / "moved"), tmp_path / "moved", resume=True, progress=False)
     assert rows(tmp_path / "moved") == rows(tmp_path / "whole")
+    assert len(rows(tmp_path / "first")) == 3  # the original is untouched
