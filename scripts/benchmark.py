@@ -55,7 +55,7 @@ from amc.metrics import accuracy
 from amc.parallel import run_jobs
 from amc.pipeline import finetune_model, train_base
 from amc.report import plot_policy, table
-from amc.search import read_episodes, search
+from amc.search import load_run_config, read_episodes, search
 
 SEARCHED = ("amc", "random")
 RULES = ("uniform", "global")
@@ -126,7 +126,7 @@ def policy_for(method: str, cfg, workspace: Workspace) -> tuple[list[int], dict]
         "answer_source": answer["source"], "episodes": len(rows), "search_seconds": time.perf_counter() - started,
         "seconds_per_episode": seconds / len(rows), "eval_share": sum(r["eval_seconds"] for r in rows) / seconds,
         "scoring_share": sum(r["eval_seconds"] + r["calibrate_seconds"] for r in rows) / seconds,
-        "reward_noise": answer["noise"], **search_diagnostics(answer, rows)}
+        "reward_noise": answer["noise"], **search_diagnostics(answer, rows), **top_k_on_test(answer, workspace)}
 
 
 def search_diagnostics(answer: dict, rows: list[dict]) -> dict:
@@ -150,15 +150,28 @@ def search_diagnostics(answer: dict, rows: list[dict]) -> dict:
             "select_top_k_mean": statistics.mean(searched), "select_top_k": len(searched)}
 
 
+def top_k_on_test(answer: dict, workspace: Workspace) -> dict:
+    """``test_top_k_mean``: the search's top-K policies (its candidates in the selection step), each
+    exported as export does and measured on test. The answer is one of K policies the selection
+    split cannot tell apart; their mean is what the search finds on unseen images with the luck of
+    which one was returned averaged away, so it compares two searches with less noise. Reported
+    only: nothing is chosen on test."""
+    searched = [c["keep"] for c in answer["selection"]["candidates"] if c["source"] == "search"]
+    scores = [measure(prune_policy(workspace, keep)[0], workspace, splits=("test",))["test_top1"] for keep in searched]
+    return {"test_top_k_mean": statistics.mean(scores)}
+
+
 def refresh_diagnostics(out: Path) -> None:
     """Re-derive the searched records' diagnostics from their run folders (where they are still
-    there), so a results file written before a diagnostic existed gains it without new searches."""
+    there), so a results file written before a diagnostic existed gains it without new searches
+    (``test_top_k_mean`` where missing: K exports, with the run's own config)."""
     def refreshed(record: dict) -> dict:
         run_dir = run_folder(out, record["method"], record["target"], record["seed"])
         if record["method"] not in SEARCHED or not (run_dir / "best_policy.json").is_file():
             return record
         answer = json.loads((run_dir / "best_policy.json").read_text())
-        return {**record, **search_diagnostics(answer, read_episodes(run_dir))}
+        measured = {} if "test_top_k_mean" in record else top_k_on_test(answer, Workspace(load_run_config(run_dir)))
+        return {**record, **search_diagnostics(answer, read_episodes(run_dir)), **measured}
 
     update_records(out / "results.json", lambda records: [refreshed(r) for r in records])
 
@@ -297,12 +310,14 @@ def versus_random_table(groups: dict[tuple, list[dict]]) -> str:
         tuned = [s for s in seeds if amc[s]["finetune_epochs"] and rand[s]["finetune_epochs"]]
         rows.append([f"{target:.4g}", " ".join(map(str, seeds)),
                      *(mean_interval(point_differences(amc, rand, key, seeds)) for key in
-                       ("best_reward", "select_top_k_mean", "select_top1_before_ft", "test_top1_before_ft")),
+                       ("best_reward", "select_top_k_mean", "test_top_k_mean", "select_top1_before_ft",
+                        "test_top1_before_ft")),
                      mean_interval(point_differences(amc, rand, "test_top1_after_ft", tuned))])
     if not rows:
         return ""
     return "\n\n" + table(["target", "seeds", "AMC - random: best reward (points)", "top-K mean select top-1",
-                            "select top-1", "test before FT", "test after FT"], rows, markdown=True)
+                            "top-K mean test top-1", "select top-1", "test before FT", "test after FT"], rows,
+                           markdown=True)
 
 
 def point_differences(a: dict[int, dict], b: dict[int, dict], key: str, seeds: list[int]) -> list[float]:

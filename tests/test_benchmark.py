@@ -60,9 +60,19 @@ def test_benchmark_records_every_method_and_resumes(demo_raw, tmp_path):
     assert versus_row[1].strip() == "0 1" and versus_row[2].strip().startswith(f"{gap:+.2f} [")
     top_k_gap = sum(100 * (by["amc", s]["select_top_k_mean"] - by["random", s]["select_top_k_mean"]) for s in (0, 1)) / 2
     assert "top-K mean select top-1" in versus and versus_row[3].strip().startswith(f"{top_k_gap:+.2f} [")
+    for r in searched:  # the search's K policies, each exported and measured on test
+        run_dir = out / "runs" / f"{r['method']}_t0.5_s{r['seed']}"
+        keeps = [c["keep"] for c in json.loads((run_dir / "best_policy.json").read_text())["selection"]["candidates"]
+                 if c["source"] == "search"]
+        if r["answer_source"] == "search":
+            assert r["keep"] in keeps
+        assert 0.5 < r["test_top_k_mean"] <= 1
+    test_gap = sum(100 * (by["amc", s]["test_top_k_mean"] - by["random", s]["test_top_k_mean"]) for s in (0, 1)) / 2
+    assert "top-K mean test top-1" in versus and versus_row[4].strip().startswith(f"{test_gap:+.2f} [")
 
     # a results file written before a diagnostic existed gains it from the run folders
-    stripped = [{k: v for k, v in r.items() if k not in ("select_top_k_mean", "select_top_k")} for r in records]
+    stripped = [{k: v for k, v in r.items() if k not in ("select_top_k_mean", "select_top_k", "test_top_k_mean")}
+                for r in records]
     (out / "results.json").write_text(json.dumps(stripped))
     refreshed = run(config, out, "--seeds", "0", "1", "--finetune-epochs", "1", "--refresh")
     assert refreshed == records
