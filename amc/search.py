@@ -91,6 +91,9 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config
     if not path.is_file():
         raise UserError("not a run directory (no config.yaml)", where=str(run_dir))
     raw = read_yaml(path)
+    search_section = raw.get("search") if isinstance(raw, dict) else None
+    if isinstance(search_section, dict) and search_section.get("run_dir"):  # the folder may have moved since
+        search_section["run_dir"] = str(run_dir)
     cfg = config_from_dict(raw, source=str(path))
     if overrides:
         changed = config_from_dict(cfg.to_dict(), source=str(path), overrides=overrides)

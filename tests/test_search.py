@@ -18,7 +18,7 @@ import pytest
 
 from amc.config import config_from_dict
 from amc.errors import UserError
-from amc.search import search
+from amc.search import load_run_config, search
 from conftest import ROOT, write_config
 
 
@@ -259,3 +259,5 @@ def test_resume_may_move_the_search_to_another_device_and_folder(demo_cfg, tmp_p
     search(episodes(moved, 5, tmp_path / "moved"), tmp_path / "moved", resume=True, progress=False)
     assert rows(tmp_path / "moved") == rows(tmp_path / "whole")
     assert len(rows(tmp_path / "first")) == 3  # the original is untouched
+    shutil.copytree(tmp_path / "first", tmp_path / "again")  # `amc search --resume` reads the run's config
+    assert load_run_config(tmp_path / "again").search.run_dir == str(tmp_path / "again")
