@@ -246,14 +246,17 @@ def test_a_copied_search_continues_longer_and_a_job_error_is_one_line(demo_raw, 
     search branched from a shorter one); a job that cannot run stops the benchmark in one line."""
     config = write_config(tmp_path / "demo.yaml", demo_raw)
     short, longer, changed = tmp_path / "short", tmp_path / "longer", tmp_path / "changed"
-    run(config, short, "--seeds", "0", "--methods", "amc", "--finetune-epochs", "0")
+    run(config, short, "--seeds", "0", "--methods", "amc", "random", "--finetune-epochs", "0")
     for out in (longer, changed):
         shutil.copytree(short / "runs", out / "runs")
 
-    (record,) = run(config, longer, "--seeds", "0", "--methods", "amc", "--finetune-epochs", "0", "--episodes", "5")
-    first, continued = (read_episodes(out / "runs" / "amc_t0.5_s0") for out in (short, longer))
-    assert record["episodes"] == 5 and len(continued) == 5
-    assert [e["reward"] for e in continued[:3]] == [e["reward"] for e in first]
+    records = run(config, longer, "--seeds", "0", "--methods", "amc", "random", "--finetune-epochs", "0",
+                  "--episodes", "5")
+    assert sorted(r["method"] for r in records) == ["amc", "random"]
+    for r in records:  # random search's warmup lengthens with it: every episode stays random
+        first, continued = (read_episodes(out / "runs" / f"{r['method']}_t0.5_s0") for out in (short, longer))
+        assert r["episodes"] == 5 and len(continued) == 5
+        assert [e["reward"] for e in continued[:3]] == [e["reward"] for e in first]
 
     assert benchmark.main(["--config", str(config), "--targets", "0.5", "--episodes", "3", "--seeds", "0",
                            "--methods", "amc", "--set", "agent.warmup_episodes=2", "--set", "agent.tau=0.1",

@@ -244,6 +244,23 @@ def test_resume_refuses_a_changed_config(demo_cfg, tmp_path):
     assert len(rows(run_dir)) == 3
 
 
+def test_an_all_warmup_run_continues_with_a_longer_warmup(demo_cfg, tmp_path):
+    """Random search is a run whose every episode is warmup: it continues to more episodes with the
+    warmup lengthened to match, and equals one started that long; a run past its warmup may not."""
+    def run(episodes, warmup, where, resume=False):
+        cfg = demo_cfg.model_copy(update={"search": demo_cfg.search.model_copy(update={"episodes": episodes}),
+                                          "agent": demo_cfg.agent.model_copy(update={"warmup_episodes": warmup})})
+        search(cfg, tmp_path / where, resume=resume, progress=False)
+
+    run(5, 5, "whole")
+    run(3, 3, "extended")
+    run(5, 5, "extended", resume=True)
+    assert rows(tmp_path / "extended") == rows(tmp_path / "whole")
+    run(3, 2, "learning")  # its third episode followed the agent
+    with pytest.raises(UserError, match="differs from the run's in agent.warmup_episodes"):
+        run(5, 5, "learning", resume=True)
+
+
 def test_resume_may_move_the_search_to_another_device_and_folder(demo_cfg, tmp_path):
     """A search started with one device setting continues under another (a GPU run finished on a
     CPU), and in another folder (a run copied to branch it into a longer one); here both devices
