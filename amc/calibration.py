@@ -62,19 +62,25 @@ def reconstructable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
 
 
-def solve_least_squares(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``argmin_W ||x W - y||`` for a tall ``x``, by the normal equations in fp64 (Cholesky).
+def solve_least_squares(x: torch.Tensor, y: torch.Tensor, prior: torch.Tensor | None = None,
+                        ridge: float = 0.0) -> torch.Tensor:
+    """``argmin_W ||x W - y||^2 + lam ||W - prior||^2`` by the normal equations in fp64 (Cholesky).
 
-    About 4x faster than ``torch.linalg.lstsq`` here; a ridge of 1e-9 of the mean diagonal keeps
-    all-zero columns (dead channels) solvable and moves the fit by a negligible amount.
+    ``lam`` is ``ridge`` times the mean diagonal of ``x^T x`` (at least 1e-9 of it, which keeps
+    all-zero columns of dead channels solvable). With few rows per unknown, or correlated inputs,
+    plain least squares fits the reconstruction images with huge weights that cancel there and
+    nowhere else; the ridge pulls those directions to ``prior`` (the pruned layer's own weights)
+    instead. About 4x faster than ``torch.linalg.lstsq`` here.
     """
     x, y = x.double(), y.double()
     gram = x.T @ x
-    ridge = 1e-9 * gram.diagonal().mean() + 1e-30
-    factor, info = torch.linalg.cholesky_ex(gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=gram.device))
+    lam = max(ridge, 1e-9) * gram.diagonal().mean() + 1e-30
+    system = gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    rhs = x.T @ y if prior is None else x.T @ y + lam * prior.double()
+    factor, info = torch.linalg.cholesky_ex(system)
     if info.item() != 0:  # numerically not positive definite: the slower, rank-revealing solver
-        return torch.linalg.lstsq(x.cpu(), y.cpu()).solution.to(x.device)
-    return torch.cholesky_solve(x.T @ y, factor)
+        return torch.linalg.lstsq(system.cpu(), rhs.cpu()).solution.to(x.device)
+    return torch.cholesky_solve(rhs, factor)
 
 
 def _unknowns(module: nn.Module) -> int:
@@ -135,10 +141,11 @@ class Reconstructor:
     few rows keeps its pruned weights, with a warning.
     """
 
-    def __init__(self, original: nn.Module, images: torch.Tensor, seed: int = 0):
+    def __init__(self, original: nn.Module, images: torch.Tensor, seed: int = 0, ridge: float = 0.0):
         self.original = original
         self.images = images
         self.seed = seed
+        self.ridge = ridge
         self.positions: dict[str, torch.Tensor] = {}
         self.targets: dict[str, torch.Tensor] = {}
 
@@ -192,7 +199,8 @@ class Reconstructor:
                 kept = layers[name]
                 if kept is not None:
                     y = y[:, kept.to(y.device)]
-                solution = solve_least_squares(x, y)
+                prior = module.weight.reshape(module.weight.shape[0], -1).T.to(x.device) if self.ridge else None
+                solution = solve_least_squares(x, y, prior, self.ridge)
                 module.weight.copy_(solution.T.reshape(module.weight.shape).to(module.weight))
             return hook
 
@@ -210,9 +218,9 @@ class Reconstructor:
 
 
 def reconstruct(original: nn.Module, pruned: nn.Module, layers: dict[str, torch.Tensor | None],
-                images: torch.Tensor, seed: int = 0) -> None:
+                images: torch.Tensor, seed: int = 0, ridge: float = 0.0) -> None:
     """Refit ``layers`` of ``pruned`` by least squares against ``original`` (see ``Reconstructor``)."""
-    Reconstructor(original, images, seed)(pruned, layers)
+    Reconstructor(original, images, seed, ridge)(pruned, layers)
 
 
 class Repair:
@@ -226,14 +234,15 @@ class Repair:
     """
 
     def __init__(self, original: nn.Module, calibration: str = "none", calib_batches: Sequence[torch.Tensor] = (),
-                 recon_images: torch.Tensor | None = None, seed: int = 0, dtype: torch.dtype | None = None):
+                 recon_images: torch.Tensor | None = None, seed: int = 0, dtype: torch.dtype | None = None,
+                 ridge: float = 0.0):
         if calibration not in CALIBRATIONS:
             raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
         if calibration in ("lsq", "both") and recon_images is None:
             raise ValueError("least-squares calibration needs reconstruction images")
         self.calibration = calibration
         self.calib_batches = list(calib_batches) if calibration in ("bn", "both") else []
-        self.reconstructor = Reconstructor(original, recon_images, seed) if calibration in ("lsq", "both") else None
+        self.reconstructor = Reconstructor(original, recon_images, seed, ridge) if calibration in ("lsq", "both") else None
         self.dtype = dtype
 
     def in_fp32(self) -> "Repair":

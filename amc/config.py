@@ -21,6 +21,7 @@ from amc.errors import UserError
 
 
 DEFAULT_EVAL_BATCH_SIZE = 512
+RECONSTRUCT_RIDGE = 1e-2  # search.reconstruct_ridge; runs recorded before it existed fit with 0
 
 
 class Section(BaseModel):
@@ -158,6 +159,11 @@ class SearchConfig(Section):
             "images whose feature maps fit the least-squares reconstruction (and calibrate activation ranges); "
             "256 overfits the deep, small-map layers and makes the reward noisy (docs/benchmarks.md, session 6)")
     )
+    reconstruct_ridge: float = Field(
+        RECONSTRUCT_RIDGE, ge=0, description=(
+            "least squares pulls each refit layer toward its pruned weights with this weight (relative to the "
+            "inputs' mean square): plain least squares (0) can fit the reconstruction images with huge, "
+            "cancelling weights (docs/benchmarks.md, session 9)"))
     min_bits: int = Field(2, ge=2, le=8, description="quantize / joint: the narrowest bit width a step may take")
     max_bits: int = Field(8, ge=2, le=8, description="quantize / joint: the widest bit width a step may take")
     quantize_activations: bool = Field(False, description=(

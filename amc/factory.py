@@ -320,7 +320,8 @@ class Workspace:
         if s.calibration in ("lsq", "both"):
             recon = self.reconstruction_images(None if calibration_seed is None else calibration_seed + 1)
         calib = calibration_batches(self, seed=calibration_seed) if s.calibration in ("bn", "both") else []
-        return Repair(model, s.calibration, calib, recon, self.cfg.seed, repair_dtype(s.precision, self.device))
+        return Repair(model, s.calibration, calib, recon, self.cfg.seed, repair_dtype(s.precision, self.device),
+                      s.reconstruct_ridge)
 
     def base_repair(self, calibration_seed: int | None = None) -> Repair:
         """``repair(base_model, calibration_seed)``, built once per seed: selection and export call it per policy."""

@@ -23,6 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from torch.utils.tensorboard import SummaryWriter
@@ -52,6 +53,9 @@ RESUMABLE = ("search.episodes", "device", "search.workers", "search.backend", "s
 # Where the run folder is: a run may be moved or copied (e.g. to branch a finished search into a
 # longer one) and continued in its new place.
 LOCATION = ("search.run_dir",)
+# Fields added after runs were recorded whose default differs from what those runs did: a run's
+# config.yaml without one is read with the value the run used (its scores and export stay as searched).
+LEGACY_VALUES = {"search": {"reconstruct_ridge": 0.0}}
 METRIC_COLUMNS = ["episode", "reward", "error", "cost_ratio", "macs_ratio", "params_ratio", "latency_ms_ratio",
                   "sigma", "seconds", "calibrate_seconds", "eval_seconds"]
 
@@ -83,6 +87,17 @@ def check_writable(run_dir: Path) -> None:
                         where=str(run_dir))
 
 
+def read_run_yaml(path: Path) -> Any:
+    """A run's config.yaml as recorded, with ``LEGACY_VALUES`` for the fields it predates."""
+    raw = read_yaml(path)
+    if isinstance(raw, dict):
+        for section, fields in LEGACY_VALUES.items():
+            if isinstance(raw.get(section), dict):
+                for name, value in fields.items():
+                    raw[section].setdefault(name, value)
+    return raw
+
+
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
     """The config a run was started with; only ``RESUMABLE`` fields may be changed on resume."""
     path = run_dir / CONFIG_FILE
@@ -90,7 +105,7 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config
         raise UserError("no such run directory", where=str(run_dir))
     if not path.is_file():
         raise UserError("not a run directory (no config.yaml)", where=str(run_dir))
-    raw = read_yaml(path)
+    raw = read_run_yaml(path)
     search_section = raw.get("search") if isinstance(raw, dict) else None
     if isinstance(search_section, dict) and search_section.get("run_dir"):  # the folder may have moved since
         search_section["run_dir"] = str(run_dir)
@@ -204,7 +219,7 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
     config_path, agent_path = run_dir / CONFIG_FILE, run_dir / AGENT_FILE
     if agent_path.exists():  # every caller (CLI, `amc run`, benchmarks, the API) passes through here
         # validated, so fields added since the run started compare as their defaults
-        old = config_from_dict(read_yaml(config_path), str(config_path)).to_dict() if config_path.is_file() else {}
+        old = config_from_dict(read_run_yaml(config_path), str(config_path)).to_dict() if config_path.is_file() else {}
         refuse_changes(old, cfg.to_dict(), config_path, episodes_done(run_dir))
         if not resume:
             raise UserError(f"already holds a search; continue it with `amc search --resume {run_dir}` "

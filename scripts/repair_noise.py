@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from amc.config import config_from_dict, read_yaml
+from amc.config import config_from_dict
 from amc.errors import UserError
 from amc.factory import Workspace
 from amc.report import table
-from amc.search import CONFIG_FILE, read_episodes
+from amc.search import CONFIG_FILE, read_episodes, read_run_yaml
 from amc.selection import metric_on_split, rule_candidates, top_policies
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--top and --samples must be at least 2 (a spread needs two)")
         if not path.is_file():
             raise UserError("not a run directory (no config.yaml)", where=str(args.run_dir))
-        cfg = config_from_dict(read_yaml(path), source=str(path), overrides=args.overrides)
+        cfg = config_from_dict(read_run_yaml(path), source=str(path), overrides=args.overrides)
         workspace = Workspace(cfg)
         space = workspace.base_space
         candidates = top_policies(read_episodes(args.run_dir), space.names, space.sizes, args.top)

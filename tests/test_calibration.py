@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amc.calibration import Reconstructor, _patches, reconstruct
+from amc.config import RECONSTRUCT_RIDGE
 from amc.graph import find_units
 from amc.spaces import ChannelSpace
 
@@ -60,6 +61,24 @@ def test_least_squares_leaves_an_underdetermined_linear_layer_alone():
     reconstruct(model, refit_many := copy.deepcopy(pruned), layers, many)  # 1024 rows >= 1.5 x 384: refit
     assert not torch.equal(refit_many[4].weight, pruned[4].weight)
     assert output_error(refit_many, model, held_out) < 0.5 * untouched
+
+
+def test_the_ridge_pulls_a_barely_determined_fit_toward_the_pruned_weights():
+    """600 images for the Linear's 384 inputs: plain least squares fits those images best and the
+    rest worse; the default ridge trades a little of the fit for less error on other images, with
+    smaller weights; a huge ridge keeps the pruned weights."""
+    model = conv_flatten_linear()
+    generator = torch.Generator().manual_seed(1)
+    fit, held_out = (torch.randn(n, *SHAPE[1:], generator=generator) for n in (600, 512))
+    pruned, layers = pruned_copy(model, 6)
+    refit = {ridge: copy.deepcopy(pruned) for ridge in (0.0, RECONSTRUCT_RIDGE, 1e3)}
+    for ridge, copied in refit.items():
+        reconstruct(model, copied, layers, fit, ridge=ridge)
+    plain, ridged = refit[0.0], refit[RECONSTRUCT_RIDGE]
+    assert output_error(plain, model, fit) < output_error(ridged, model, fit)
+    assert output_error(ridged, model, held_out) < 0.8 * output_error(plain, model, held_out)
+    assert ridged[4].weight.norm() < plain[4].weight.norm()
+    assert torch.allclose(refit[1e3][4].weight, pruned[4].weight, atol=1e-3)
 
 
 def test_sampled_patches_are_unfolds_columns():

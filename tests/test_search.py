@@ -15,8 +15,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import yaml
 
-from amc.config import config_from_dict
+from amc.config import RECONSTRUCT_RIDGE, config_from_dict
 from amc.errors import UserError
 from amc.search import load_run_config, search
 from conftest import ROOT, write_config
@@ -242,6 +243,23 @@ def test_resume_refuses_a_changed_config(demo_cfg, tmp_path):
     assert "search.target" in result.stderr and "agent.tau" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(rows(run_dir)) == 3
+
+
+def test_a_run_recorded_before_the_ridge_keeps_plain_least_squares(demo_cfg, tmp_path):
+    """A run whose config.yaml predates search.reconstruct_ridge was repaired without it: it reads
+    as 0 (so export repairs as the search scored), and continuing it under the new default is refused."""
+    short = demo_cfg.model_copy(update={"search": demo_cfg.search.model_copy(update={"episodes": 2})})
+    search(short, tmp_path / "run", progress=False)
+    path = tmp_path / "run" / "config.yaml"
+    raw = yaml.safe_load(path.read_text())
+    assert raw["search"].pop("reconstruct_ridge") == RECONSTRUCT_RIDGE > 0
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert load_run_config(tmp_path / "run").search.reconstruct_ridge == 0
+    with pytest.raises(UserError, match="differs from the run's in search.reconstruct_ridge"):
+        search(demo_cfg, tmp_path / "run", resume=True, progress=False)
+    plain = demo_cfg.model_copy(update={"search": demo_cfg.search.model_copy(update={"reconstruct_ridge": 0.0})})
+    search(plain, tmp_path / "run", resume=True, progress=False)
+    assert len(rows(tmp_path / "run")) == demo_cfg.search.episodes
 
 
 def test_an_all_warmup_run_continues_with_a_longer_warmup(demo_cfg, tmp_path):
