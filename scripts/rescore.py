@@ -6,7 +6,9 @@ This takes the top-K distinct policies of a run and the uniform policy at the sa
 exports each as `amc export` does (the search's own repair), measures reward-val and
 test top-1 and prints them with the Spearman rank correlation of the two.
 
-    python scripts/rescore.py runs/resnet20_fmnist --top 10
+    python scripts/rescore.py runs/resnet20_fmnist --top 10 [--set search.reconstruct_ridge=0.01]
+
+``--set`` re-scores the run's policies under another setting (e.g. another repair).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from amc.baselines import baseline_policy
+from amc.config import config_from_dict
 from amc.errors import UserError
 from amc.export import measure, prune_policy
 from amc.factory import Workspace
@@ -35,9 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--top", type=int, default=10)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="score under another setting than the run's, e.g. search.reconstruct_ridge=0.01")
     args = p.parse_args(argv)
     try:
         cfg = load_run_config(args.run_dir)
+        cfg = config_from_dict(cfg.to_dict(), source=str(args.run_dir), overrides=args.overrides)
         workspace = Workspace(cfg)
         space = workspace.base_space
         candidates = top_policies(read_episodes(args.run_dir), space.names, space.sizes, args.top)

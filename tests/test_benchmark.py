@@ -110,6 +110,12 @@ def test_rescore_measures_the_best_episodes_on_test(demo_raw, tmp_path, capsys):
     assert "Spearman rank correlation" in out
     assert rescore.main([str(tmp_path / "missing")]) == 2
 
+    run_dir = str(tmp_path / "bench" / "runs" / "amc_t0.5_s0")  # the same policies under another repair
+    assert rescore.main([run_dir, "--top", "2", "--set", "search.calibration=none"]) == 0
+    unrepaired = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [r[0] for r in unrepaired] == [r[0] for r in rows] and [r[3] for r in unrepaired] != [r[3] for r in rows]
+    assert rescore.main([run_dir, "--set", "search.no_such_field=1"]) == 2
+
 
 def test_repair_noise_rescores_the_best_policies_with_other_repair_samples(demo_raw, tmp_path, capsys):
     import repair_noise
