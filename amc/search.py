@@ -112,7 +112,7 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config
     cfg = config_from_dict(raw, source=str(path))
     if overrides:
         changed = config_from_dict(cfg.to_dict(), source=str(path), overrides=overrides)
-        refuse_changes(cfg.to_dict(), changed.to_dict(), path, episodes_done(run_dir))
+        refuse_changes(cfg.to_dict(), changed.to_dict(), run_dir)
         cfg = changed
     return cfg
 
@@ -123,21 +123,21 @@ def episodes_done(run_dir: Path) -> int:
     return int(load_checkpoint(path, AGENT_FORMAT)["episodes"]) if path.is_file() else 0
 
 
-def refuse_changes(old: dict, new: dict, where: Path, done: int) -> None:
+def refuse_changes(old: dict, new: dict, run_dir: Path) -> None:
     """Refuse a continued run whose config differs from its start in what shapes its episodes.
 
-    The warmup length may change while all ``done`` episodes are warmup under both lengths: those
+    The warmup length may change while all the run's episodes are warmup under both lengths: those
     episodes, the noise (it decays only after warmup) and the untrained agent are then exactly what
     a run started with the new length has. So random search (every episode warmup) continues to
     more episodes."""
     diffs = [d for d in config_differences(old, new) if d not in RESUMABLE + LOCATION]
     warmups = [config.get("agent", {}).get("warmup_episodes") for config in (old, new)]
-    if "agent.warmup_episodes" in diffs and None not in warmups and done <= min(warmups):
+    if "agent.warmup_episodes" in diffs and None not in warmups and episodes_done(run_dir) <= min(warmups):
         diffs.remove("agent.warmup_episodes")
     if diffs:
         raise UserError(f"config differs from the run's in {', '.join(diffs)}; only search.episodes and where "
                         f"the scoring runs ({', '.join(RESUMABLE[1:])}) may change on resume "
-                        f"(start a new run directory instead)", where=str(where))
+                        f"(start a new run directory instead)", where=str(run_dir / CONFIG_FILE))
 
 
 def _trim_rows(path: Path, header: list[str], keep: int) -> None:
@@ -220,7 +220,7 @@ def search(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tr
     if agent_path.exists():  # every caller (CLI, `amc run`, benchmarks, the API) passes through here
         # validated, so fields added since the run started compare as their defaults
         old = config_from_dict(read_run_yaml(config_path), str(config_path)).to_dict() if config_path.is_file() else {}
-        refuse_changes(old, cfg.to_dict(), config_path, episodes_done(run_dir))
+        refuse_changes(old, cfg.to_dict(), run_dir)
         if not resume:
             raise UserError(f"already holds a search; continue it with `amc search --resume {run_dir}` "
                             "or choose another run directory", where=str(run_dir))

@@ -164,16 +164,21 @@ def top_k_on_test(answer: dict, workspace: Workspace) -> dict:
 def refresh_diagnostics(out: Path) -> None:
     """Re-derive the searched records' diagnostics from their run folders (where they are still
     there), so a results file written before a diagnostic existed gains it without new searches
-    (``test_top_k_mean`` where missing: K exports, with the run's own config)."""
+    (``test_top_k_mean`` where missing: K exports, with the run's own config, made before the
+    results file is locked so that benchmarks sharing it are not held up)."""
+    def key(record: dict) -> tuple:
+        return record["method"], record["target"], record["seed"]
+
     def refreshed(record: dict) -> dict:
-        run_dir = run_folder(out, record["method"], record["target"], record["seed"])
+        run_dir = run_folder(out, *key(record))
         if record["method"] not in SEARCHED or not (run_dir / "best_policy.json").is_file():
             return record
         answer = json.loads((run_dir / "best_policy.json").read_text())
         measured = {} if "test_top_k_mean" in record else top_k_on_test(answer, Workspace(load_run_config(run_dir)))
         return {**record, **search_diagnostics(answer, read_episodes(run_dir)), **measured}
 
-    update_records(out / "results.json", lambda records: [refreshed(r) for r in records])
+    fresh = {key(r): refreshed(r) for r in read_records(out / "results.json")}
+    update_records(out / "results.json", lambda records: [fresh.get(key(r), r) for r in records])
 
 
 def evaluate(cfg, keep: list[int], workspace: Workspace, epochs: int) -> dict:
