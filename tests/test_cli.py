@@ -115,7 +115,11 @@ def test_script_wrappers_accept_config_flag(demo_raw, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "search.py"), "--config", str(config)],
                             capture_output=True, text=True, env=ENV)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.splitlines()[-1])["episode"] in (0, 1)
+    printed = json.loads(result.stdout.splitlines()[-1])
+    answer = json.loads((Path(printed["run_dir"]) / "best_policy.json").read_text())
+    # with 2 episodes a rule may win the selection step: then the answer has no episode
+    assert printed["episode"] in ((0, 1) if answer["source"] == "search" else (None,))
+    assert answer["source"] in ("search", "uniform", "global")
 
 
 @pytest.mark.parametrize("args, expected", [
