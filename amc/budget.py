@@ -9,6 +9,10 @@ Filling: clipping only caps a policy, so an agent that cuts too much early ends 
 and is scored on a smaller network than the budget allows (seen on ResNet-20: 46% of the FLOPs
 for a 50% target). After the last unit, every unit grows by the same fraction of its headroom,
 the largest fraction that still fits: the agent's allocation is kept, the budget is spent.
+
+Fitting: a policy given as real values per unit (the mean of several policies) is rounded to
+each unit's nearest allowed value, shrunk toward the floors by one shared fraction until it
+fits, then filled as an episode is (``PruningEnv.nearest_policy``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ def max_keep(
         else:
             high = mid
     return int(counts[low - 1]) if low else 0
+
+
+def nearest_allowed(value: float, allowed: np.ndarray, floor: int, ceiling: int) -> int:
+    """The allowed value in [floor, ceiling] nearest ``value`` (the lower one on a tie); monotone in ``value``."""
+    within = np.unique(np.concatenate([allowed[(allowed >= floor) & (allowed <= ceiling)], [floor, ceiling]]))
+    return int(within[np.argmin(np.abs(within - value))])
 
 
 def largest_feasible(

@@ -23,7 +23,7 @@ from amc.metrics import accuracy
 from amc.quantization import refold_batchnorm, unfold_batchnorm
 from amc.report import comparison_table, human, plot_episodes, plot_policy, table
 from amc.search import BEST_FILE, load_run_config, read_episodes, search
-from amc.selection import images_to_separate
+from amc.selection import SEARCH_MEAN, images_to_separate, is_rule, origin
 from amc.train import fit
 
 
@@ -110,7 +110,7 @@ def export_answer(ws: Workspace, run_dir: Path, policy: str = "best", out: Path 
     out = out or run_dir / "pruned.pt"
     metrics = export_policy(ws, chosen["keep"], out, onnx)
     if policy == "best":
-        rules = [c for c in chosen.get("selection", {}).get("candidates", []) if c["source"] != "search"]
+        rules = [c for c in chosen.get("selection", {}).get("candidates", []) if is_rule(c)]
         metrics["rules"] = {c["source"]: export_policy(ws, c["keep"], rule_path(out, c["source"])) for c in rules}
     rows = read_episodes(run_dir)
     if rows:
@@ -250,20 +250,23 @@ def run_all(cfg: Config, episodes: int | None = None, progress: bool = True) -> 
 
 
 def answer_label(answer: dict) -> str:
-    return f"AMC (episode {answer['episode']})" if answer["source"] == "search" else f"answer: {answer['source']}"
+    return f"answer: {answer['source']}" if is_rule(answer) else f"AMC ({origin(answer)})"
 
 
 def answer_note(answer: dict) -> str:
     """Lines on where the answer came from, how noisy the reward was, and how the rules scored in the search."""
     selection, noise = answer["selection"], answer["noise"]
     searched = sum(c["source"] == "search" for c in selection["candidates"])
-    rules = [c["source"] for c in selection["candidates"] if c["source"] != "search"]
-    origin = (f"the search's episode {answer['episode']}" if answer["source"] == "search"
-              else f"the {answer['source']} rule")
-    lines = [f"answer: {origin}, best of {searched} searched policies and {len(rules)} rules "
+    mean = " and their mean" if any(c["source"] == SEARCH_MEAN for c in selection["candidates"]) else ""
+    rules = [c["source"] for c in selection["candidates"] if is_rule(c)]
+    origin = (f"the {answer['source']} rule" if is_rule(answer) else
+              f"the mean of the search's {searched} best policies" if answer["source"] == SEARCH_MEAN
+              else f"the search's episode {answer['episode']}")
+    lines = [f"answer: {origin}, best of {searched} searched policies{mean} and {len(rules)} rules "
              f"({', '.join(rules) or 'none'}) on the {selection['split'].replace('_', '-')} split"]
     if margin := selection.get("margin"):
-        leader = f"the search's best (episode {margin['search_episode']})" if margin["kept_rule"] else "it"
+        best = {"source": margin.get("search_source", "search"), "episode": margin["search_episode"]}
+        leader = f"the search's best ({origin(best)})" if margin["kept_rule"] else "it"
         lines[0] += (f"; {leader} led the {margin['rule']} rule by "
                      f"{100 * margin['search_lead']:.2f} points, {'not ' if margin['kept_rule'] else ''}more than "
                      f"{margin['margin']:g} x {100 * margin['paired_se']:.2f} (paired standard error)")
@@ -273,13 +276,15 @@ def answer_note(answer: dict) -> str:
     over_images = "" if noise["bootstrap_se"] is None else f"±{100 * noise['bootstrap_se']:.2f} points over images, "
     lines.append(f"reward noise: {over_images}±{100 * noise['calibration_spread']:.2f} over calibration samples")
     if rewards := best_rewards(selection["candidates"]):
+        names = {"search": "best episode", SEARCH_MEAN: "mean of the best"}
         lines.append("rewards as the search scores them: " + ", ".join(
-            f"{c['source'] if c['source'] != 'search' else 'best episode'} {c['reward']:.4f}" for c in rewards))
+            f"{names.get(c['source'], c['source'])} {c['reward']:.4f}" for c in rewards))
     return "\n".join(lines)
 
 
 def best_rewards(candidates: list[dict]) -> list[dict]:
-    """The best searched candidate by reward, then each rule (whose reward older runs did not record)."""
+    """The best searched candidate by reward, the searched mean, then each rule (older runs recorded no rule rewards)."""
     searched = [c for c in candidates if c["source"] == "search"]
-    rules = [c for c in candidates if c["source"] != "search" and c.get("reward") is not None]
-    return ([max(searched, key=lambda c: c["reward"])] if searched and rules else []) + rules
+    others = [c for c in candidates if c["source"] != "search" and c.get("reward") is not None]
+    rules = [c for c in others if is_rule(c)]
+    return ([max(searched, key=lambda c: c["reward"])] if searched and rules else []) + (others if rules else [])

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from amc.files import atomic_write
+from amc.selection import origin
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence], markdown: bool = False) -> str:
@@ -72,7 +73,7 @@ def plot_policy(best: dict, path: Path) -> None:
     ax.set_ylim(0, max(values) + 0.5 if mode == "quantize" else 1.05)
     ax.set_xlabel("unit (forward order)")
     ax.set_ylabel(label)
-    ax.set_title(f"best policy: episode {best['episode']}, error {best['error']:.3f}, "
+    ax.set_title(f"best policy: {origin(best)}, error {best['error']:.3f}, "
                  f"cost {best['cost_ratio']:.3f} of the original")
     _save_figure(fig, path)
     plt.close(fig)

@@ -327,20 +327,20 @@ def policy_record(env, keep: list[int], cfg: Config) -> dict:
 
 
 def choose_answer(workspace: Workspace, env, run_dir: Path, progress: bool = True) -> dict:
-    """The run's answer: the top-K policies by reward and the rules, scored on the selection split.
+    """The run's answer: the top-K policies by reward, their mean and the rules, scored on the selection split.
 
     See amc/selection.py for why. With ``data.select_size: 0`` the candidates are compared on
     reward-val, where the search's own candidates carry their selection bias (recorded).
     """
-    from amc.selection import as_records, reward_noise, rule_candidates, select, top_policies
+    from amc.selection import as_records, mean_candidate, reward_noise, rule_candidates, select, top_policies
 
     cfg = workspace.cfg
     split = "select" if cfg.data.select_size else "reward_val"
     candidates = top_policies(read_episodes(run_dir), env.space.names, env.space.sizes, cfg.search.select_top_k)
-    rules = rule_candidates(workspace)
-    for rule in rules:  # scored as the search scores, so the rewards say whether the search beat the rules
-        rule.reward = env.evaluate(rule.keep)[0]
-    candidates += rules
+    added = [c for c in (mean_candidate(candidates, env), *rule_candidates(workspace)) if c is not None]
+    for candidate in added:  # scored as the search scores, so the rewards say whether the search beat the rules
+        candidate.reward = env.evaluate(candidate.keep)[0]
+    candidates += added
     measure = env.space.reward_measure
     winner, margin = select(workspace, candidates,
                             lambda error, keep: env.reward_fn(error, env.space.measures(keep)[measure]),

@@ -3,11 +3,11 @@
 The search keeps the policy with the best reward, but that reward is the maximum of many noisy
 scores on one reward-val subset, so part of the winner's margin is luck (docs/benchmarks.md
 measured a Spearman correlation of 0.04 between reward-val and test ranks among the ten best).
-After the search, the top-K distinct policies by reward and the rule policies at the same
-budget (uniform, global magnitude) are repaired exactly as export repairs them and scored on a
-separate selection split, held out of training and disjoint from reward-val and test. The best
-of them is the run's answer; when a rule wins, the run says so. The test split stays for
-reporting only.
+After the search, the top-K distinct policies by reward, their mean policy and the rule
+policies at the same budget (uniform, global magnitude) are repaired exactly as export repairs
+them and scored on a separate selection split, held out of training and disjoint from
+reward-val and test. The best of them is the run's answer; when a rule wins, the run says so.
+The test split stays for reporting only.
 
 The selection split is noisy too: measured on ResNet-20 (docs/benchmarks.md), searched policies
 that beat the global rule there by 0.1-0.2 points lost to it on test by 0.4-0.8. So a searched
@@ -18,6 +18,11 @@ is the answer, and the record says by how much the search led.
 The run also measures its reward's noise: the bootstrap standard error of the answer's
 reward-val accuracy over images, and the spread of its score when it is repaired with other
 calibration samples. Margins between policies smaller than these are not evidence.
+
+The mean policy averages each unit's value over the top-K (then fits the budget as an episode
+does): every one of them is a noisy draw near the best region the search found, and their
+mean cancels part of the per-layer noise, as one step of the cross-entropy method does.
+It is a candidate like the others, chosen only when it scores best on the selection split.
 
 With a user's metric (``amc.compress(evaluate=...)``) the same steps rank by that metric; it
 is one number per split, so there is no bootstrap over images.
@@ -39,13 +44,14 @@ from amc.factory import Workspace
 from amc.metrics import sample_hits
 
 RULES = ("uniform", "global")
+SEARCH_MEAN = "search_mean"  # the source of the top-K's mean policy
 BOOTSTRAP_SAMPLES = 1000
 CALIBRATION_REDRAWS = 3
 
 
 @dataclass
 class Candidate:
-    source: str  # "search" or a rule's name
+    source: str  # "search" (an episode), SEARCH_MEAN or a rule's name
     keep: list[int]
     episode: int | None = None
     reward: float | None = None  # the reward as the search scores it (the rules are scored the same way)
@@ -64,6 +70,27 @@ def top_policies(rows: list[dict], names: list[str], sizes: list[int], k: int) -
         if len(best) == k:
             break
     return best
+
+
+def mean_candidate(top: list[Candidate], env) -> Candidate | None:
+    """The mean of the ``top`` policies, fitted to the budget (``PruningEnv.nearest_policy``); None
+    for fewer than two policies or when the mean is one of them."""
+    if len(top) < 2:
+        return None
+    keep = env.nearest_policy(np.mean([c.keep for c in top], axis=0))
+    return None if any(keep == c.keep for c in top) else Candidate(SEARCH_MEAN, keep)
+
+
+def is_rule(candidate: Candidate | dict) -> bool:
+    return (candidate.source if isinstance(candidate, Candidate) else candidate.get("source")) in RULES
+
+
+def origin(candidate: Candidate | dict) -> str:
+    """Where a candidate came from, in words: "episode 213", "mean of the best", "uniform rule"."""
+    c = candidate if isinstance(candidate, dict) else asdict(candidate)
+    if is_rule(c):
+        return f"{c['source']} rule"
+    return "mean of the best" if c.get("source") == SEARCH_MEAN else f"episode {c.get('episode')}"
 
 
 def rule_candidates(workspace: Workspace) -> list[Candidate]:
@@ -115,15 +142,15 @@ def select(workspace: Workspace, candidates: list[Candidate], reward_of: Callabl
             c.select_metric = metric_on_split(workspace, c.keep, split)
         c.score = reward_of(1.0 - c.select_metric, c.keep)
     best = max(range(len(candidates)), key=lambda i: candidates[i].score)
-    rules = [i for i, c in enumerate(candidates) if c.source != "search"]
-    if candidates[best].source != "search" or not rules or not hits:
+    rules = [i for i, c in enumerate(candidates) if is_rule(c)]
+    if is_rule(candidates[best]) or not rules or not hits:
         return candidates[best], {}
     rule = max(rules, key=lambda i: candidates[i].score)
     lead = candidates[best].select_metric - candidates[rule].select_metric  # rules exist under a budget: same order
     se = paired_standard_error(hits[best], hits[rule])
     decision = {"rule": candidates[rule].source, "search_lead": lead, "paired_se": se, "margin": margin,
-                "search_episode": candidates[best].episode, "kept_rule": bool(lead <= margin * se),
-                "images": len(hits[best])}
+                "search_source": candidates[best].source, "search_episode": candidates[best].episode,
+                "kept_rule": bool(lead <= margin * se), "images": len(hits[best])}
     return candidates[rule if decision["kept_rule"] else best], decision
 
 

@@ -15,14 +15,14 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import gymnasium as gym
 import numpy as np
 from torch import nn
 
-from amc.budget import fill_budget, max_keep
+from amc.budget import fill_budget, largest_feasible, max_keep, nearest_allowed
 from amc.envs.rewards import REWARDS
 from amc.envs.state import FEATURES, observation, static_features
 from amc.errors import UserError
@@ -114,10 +114,30 @@ class PruningEnv(gym.Env):
         self.keep.append(self.preserve_count(value))
         if len(self.keep) < self.num_units:
             return self._observation(), 0.0, False, {}
-        if self.fill:
-            self.keep = fill_budget(self.keep, self.space.sizes, self.ceiling, [c.step for c in self.choices],
-                                    self.space.cost, self.budget)
+        self.keep = self.spend_budget(self.keep)
         return self._observation(), None, True, {}
+
+    def spend_budget(self, keep: Sequence[int]) -> list[int]:
+        """``keep`` with the unused budget spread over the units (``amc.budget.fill_budget``), when filling is on."""
+        if not self.fill:
+            return list(keep)
+        return fill_budget(keep, self.space.sizes, self.ceiling, [c.step for c in self.choices],
+                           self.space.cost, self.budget)
+
+    def nearest_policy(self, values: Sequence[float]) -> list[int]:
+        """The policy an episode could end with that is nearest ``values`` (one real value per unit).
+
+        Each unit takes its nearest allowed value; under the resource protocol every unit is first
+        moved toward its floor by the one shared fraction that makes the policy fit (the largest
+        such), then the unused budget is spent as an episode spends it.
+        """
+        def policy(knob: float) -> list[int]:
+            return [nearest_allowed(floor + knob * (value - floor), choice.allowed, floor, choice.ceiling)
+                    for choice, floor, value in zip(self.choices, self.floor, values)]
+
+        if self.protocol != "resource":
+            return policy(1.0)
+        return self.spend_budget(largest_feasible(policy, self.space.cost, self.budget))
 
     def step(self, action):
         obs, reward, done, info = self.advance(action)

@@ -56,6 +56,7 @@ from amc.parallel import run_jobs
 from amc.pipeline import finetune_model, train_base
 from amc.report import plot_policy, table
 from amc.search import load_run_config, read_episodes, search
+from amc.selection import SEARCH_MEAN, is_rule
 
 SEARCHED = ("amc", "random")
 RULES = ("uniform", "global")
@@ -137,28 +138,36 @@ def search_diagnostics(answer: dict, rows: list[dict]) -> dict:
     ``select_top_k_mean`` is the mean selection-split score of the search's top-K distinct
     policies: how good the policies a search finds are on images it never scored. Unlike the
     answer (a maximum of K noisy scores) it averages the noise away, so it tells two searches
-    apart with fewer seeds."""
+    apart with fewer seeds. ``select_search_mean`` is the score of their mean policy."""
     candidates = answer["selection"]["candidates"]
-    rules = [c for c in candidates if c["source"] != "search"]
+    rules = [c for c in candidates if is_rule(c)]
     searched = [c["select_metric"] for c in candidates if c["source"] == "search"]
+    mean = [c["select_metric"] for c in candidates if c["source"] == SEARCH_MEAN]
     best_rule = max(rules, key=lambda c: c["select_metric"])
     margin = answer["selection"].get("margin", {})
     return {"best_reward": max(r["reward"] for r in rows),
             "rule_rewards": {c["source"]: c["reward"] for c in rules},
-            "select_lead": max(searched) - best_rule["select_metric"],
+            "select_lead": max(searched + mean) - best_rule["select_metric"],
             "select_lead_se": margin.get("paired_se"),
-            "select_top_k_mean": statistics.mean(searched), "select_top_k": len(searched)}
+            "select_top_k_mean": statistics.mean(searched), "select_top_k": len(searched),
+            "select_search_mean": mean[0] if mean else None}
 
 
 def top_k_on_test(answer: dict, workspace: Workspace) -> dict:
     """``test_top_k_mean``: the search's top-K policies (its candidates in the selection step), each
     exported as export does and measured on test. The answer is one of K policies the selection
     split cannot tell apart; their mean is what the search finds on unseen images with the luck of
-    which one was returned averaged away, so it compares two searches with less noise. Reported
-    only: nothing is chosen on test."""
-    searched = [c["keep"] for c in answer["selection"]["candidates"] if c["source"] == "search"]
-    scores = [measure(prune_policy(workspace, keep)[0], workspace, splits=("test",))["test_top1"] for keep in searched]
-    return {"test_top_k_mean": statistics.mean(scores)}
+    which one was returned averaged away, so it compares two searches with less noise.
+    ``test_top_k`` holds each one's score (best reward first) and ``test_search_mean`` their mean
+    policy's. Reported only: nothing is chosen on test."""
+    def on_test(keep: list[int]) -> float:
+        return measure(prune_policy(workspace, keep)[0], workspace, splits=("test",))["test_top1"]
+
+    candidates = answer["selection"]["candidates"]
+    scores = [on_test(c["keep"]) for c in candidates if c["source"] == "search"]
+    mean = [on_test(c["keep"]) for c in candidates if c["source"] == SEARCH_MEAN]
+    return {"test_top_k_mean": statistics.mean(scores), "test_top_k": scores,
+            "test_search_mean": mean[0] if mean else None}
 
 
 def refresh_diagnostics(out: Path) -> None:
@@ -273,7 +282,7 @@ def diagnostics_table(groups: dict[tuple, list[dict]]) -> str:
                      " ".join(f"{k} {v:.4f}" for k, v in rule_rewards.items()),
                      stat([100 * r["select_lead"] for r in rs]),
                      stat([100 * r["select_lead_se"] for r in rs if r["select_lead_se"] is not None]),
-                     f"{sum(r.get('answer_source') == 'search' for r in rs)}/{len(rs)}"])
+                     f"{sum(r.get('answer_source') in ('search', SEARCH_MEAN) for r in rs)}/{len(rs)}"])
     if not rows:
         return ""
     return "\n\n" + table(["method", "target", "best reward", "rules' rewards", "select lead over best rule (points)",

@@ -2,9 +2,10 @@
 
 The search keeps the policy with the best reward on the reward-val subset. With a small subset
 and many episodes, part of the winner's margin is the luck of that subset (selection bias).
-This takes the top-K distinct policies of a run and the uniform policy at the same budget,
-exports each as `amc export` does (the search's own repair), measures reward-val and
-test top-1 and prints them with the Spearman rank correlation of the two.
+This takes the top-K distinct policies of a run, their mean policy (a selection candidate) and
+the uniform policy at the same budget, exports each as `amc export` does (the search's own
+repair), measures reward-val, selection-split and test top-1 and prints them with the Spearman
+rank correlation of reward-val and test over the top-K.
 
     python scripts/rescore.py runs/resnet20_fmnist --top 10 [--set search.reconstruct_ridge=0.01]
 
@@ -26,7 +27,7 @@ from amc.export import measure, prune_policy
 from amc.factory import Workspace
 from amc.report import table
 from amc.search import load_run_config, read_episodes
-from amc.selection import top_policies
+from amc.selection import mean_candidate, top_policies
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -51,19 +52,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     full = space.cost(space.sizes)
+    splits = [*workspace.held_out_splits, "test"]
+    mean = mean_candidate(candidates, workspace.env())
+    references = [("mean of the top", mean.keep)] if mean else []
+    references.append(("uniform", baseline_policy(cfg, "uniform", workspace)))
     rows, searched, tested = [], [], []
-    for candidate in [*candidates, None]:  # None: the uniform reference, outside the correlation
-        keep = candidate.keep if candidate else baseline_policy(cfg, "uniform", workspace)
-        m = measure(prune_policy(workspace, keep)[0], workspace, splits=("reward_val", "test"))
-        if candidate:
+    for label, reward, keep in [*((str(c.episode), f"{c.reward:.4f}", c.keep) for c in candidates),
+                                *((label, "-", keep) for label, keep in references)]:  # outside the correlation
+        m = measure(prune_policy(workspace, keep)[0], workspace, splits=splits)
+        if reward != "-":
             searched.append(m["reward_val_top1"])
             tested.append(m["test_top1"])
-        rows.append([str(candidate.episode) if candidate else "uniform",
-                     f"{candidate.reward:.4f}" if candidate else "-",
-                     f"{100 * m['reward_val_top1']:.2f}", f"{100 * m['test_top1']:.2f}",
+        rows.append([label, reward, *(f"{100 * m[f'{split}_top1']:.2f}" for split in splits),
                      f"{space.cost(keep) / full:.3f}"])
-    print(table(["episode", "search reward", "export reward-val (%)", "export test (%)", "cost ratio"],
-                rows, markdown=True))
+    print(table(["episode", "search reward", *(f"export {split.replace('_', '-')} (%)" for split in splits),
+                 "cost ratio"], rows, markdown=True))
     print(f"\nSpearman rank correlation, reward-val vs test over the top {len(searched)}: "
           f"{spearman(searched, tested):.2f}")
     return 0

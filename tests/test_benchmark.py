@@ -40,8 +40,8 @@ def test_benchmark_records_every_method_and_resumes(demo_raw, tmp_path):
         assert r["test_top1_after_ft"] > 0.5 and r["finetune_epochs"] == 1
     searched = [r for r in records if r["method"] in ("amc", "random")]
     assert all(r["episodes"] == 3 and 0 < r["eval_share"] <= r["scoring_share"] <= 1 for r in searched)
-    assert all(r["answer_source"] in ("search", "uniform", "global") and r["reward_noise"]["bootstrap_se"] > 0
-               for r in searched)
+    assert all(r["answer_source"] in ("search", "search_mean", "uniform", "global")
+               and r["reward_noise"]["bootstrap_se"] > 0 for r in searched)
     random_run = read_episodes(out / "runs" / "random_t0.5_s0")  # random search never learns: all warmup
     assert len(random_run) == 3
     for r in searched:  # why the answer is what it is, recorded per run
@@ -53,6 +53,11 @@ def test_benchmark_records_every_method_and_resumes(demo_raw, tmp_path):
         searched_scores = [c["select_metric"] for c in selection["selection"]["candidates"] if c["source"] == "search"]
         assert r["select_top_k"] == len(searched_scores) and r["select_top_k_mean"] == pytest.approx(
             sum(searched_scores) / len(searched_scores))
+        assert len(r["test_top_k"]) == len(searched_scores) and r["test_top_k_mean"] == pytest.approx(
+            sum(r["test_top_k"]) / len(searched_scores))
+        means = [c for c in selection["selection"]["candidates"] if c["source"] == "search_mean"]
+        assert (r["select_search_mean"], r["test_search_mean"] is None) == (
+            (means[0]["select_metric"], False) if means else (None, True))
     table, diagnostics, versus = (out / "results.md").read_text().strip().split("\n\n")
     (versus_row,) = [line.split("|")[1:-1] for line in versus.splitlines()[2:]]  # AMC - random, paired by seed
     by = {(r["method"], r["seed"]): r for r in records}
@@ -101,19 +106,21 @@ def test_rescore_measures_the_best_episodes_on_test(demo_raw, tmp_path, capsys):
     config = write_config(tmp_path / "demo.yaml", demo_raw)
     run(config, tmp_path / "bench", "--seeds", "0", "--methods", "amc", "--finetune-epochs", "0")
     capsys.readouterr()
-    assert rescore.main([str(tmp_path / "bench" / "runs" / "amc_t0.5_s0"), "--top", "2"]) == 0
+    assert rescore.main([str(tmp_path / "bench" / "runs" / "amc_t0.5_s0"), "--top", "3"]) == 0
     out = capsys.readouterr().out
-    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")][1:]
-    assert [r[0].strip() for r in rows][-1] == "uniform" and len(rows) == 3
+    header, *rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    assert header[2:] == ["export reward-val (%)", "export select (%)", "export test (%)", "cost ratio"]
+    assert [r[0] for r in rows][3:] == ["mean of the top", "uniform"]  # the three best, their mean, the rule
     for row in rows:
-        assert 50 < float(row[3]) <= 100 and 0 < float(row[4]) <= 0.5
+        assert all(50 < float(v) <= 100 for v in row[2:5]) and 0.45 < float(row[5]) <= 0.5
     assert "Spearman rank correlation" in out
     assert rescore.main([str(tmp_path / "missing")]) == 2
 
     run_dir = str(tmp_path / "bench" / "runs" / "amc_t0.5_s0")  # the same policies under another repair
-    assert rescore.main([run_dir, "--top", "2", "--set", "search.calibration=none"]) == 0
-    unrepaired = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
-    assert [r[0] for r in unrepaired] == [r[0] for r in rows] and [r[3] for r in unrepaired] != [r[3] for r in rows]
+    assert rescore.main([run_dir, "--top", "3", "--set", "search.calibration=none"]) == 0
+    unrepaired = [[cell.strip() for cell in line.split("|")[1:-1]]
+                  for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [r[0] for r in unrepaired] == [r[0] for r in rows] and [r[4] for r in unrepaired] != [r[4] for r in rows]
     assert rescore.main([run_dir, "--set", "search.no_such_field=1"]) == 2
 
 

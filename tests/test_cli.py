@@ -39,10 +39,10 @@ def test_run_export_finetune_eval(demo_raw, tmp_path, capsys):
     assert table[-2].startswith("reward noise: ±")
     best = json.loads((Path(demo_raw["search"]["run_dir"]) / "best_policy.json").read_text())
     assert ("paired standard error" in table[-3]) == bool(best["selection"].get("margin"))
-    rewards = {c["source"]: c["reward"] for c in best["selection"]["candidates"][-2:]}
+    rewards = {c["source"]: c["reward"] for c in best["selection"]["candidates"][-3:]}
     top = max(c["reward"] for c in best["selection"]["candidates"] if c["source"] == "search")
-    assert table[-1] == (f"rewards as the search scores them: best episode {top:.4f}, "
-                         f"uniform {rewards['uniform']:.4f}, global {rewards['global']:.4f}")
+    assert table[-1] == (f"rewards as the search scores them: best episode {top:.4f}, mean of the best "
+                         f"{rewards['search_mean']:.4f}, uniform {rewards['uniform']:.4f}, global {rewards['global']:.4f}")
     run_dir = Path(demo_raw["search"]["run_dir"])
     for name in ("pruned.pt", "pruned_ft.pt", "rule_uniform.pt", "rule_uniform_ft.pt", "rule_global_ft.pt",
                  "best_policy.png", "episodes.png", "episodes.csv"):

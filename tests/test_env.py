@@ -121,6 +121,28 @@ def test_unused_budget_is_spread_over_the_units(demo_raw, tmp_path):
     assert info["keep"] == accuracy_env.floor  # no budget to fill
 
 
+def test_nearest_policy_fits_real_values_to_the_budget_as_an_episode_does(demo_raw, tmp_path):
+    """``nearest_policy`` turns one real value per unit (e.g. the mean of several policies) into a
+    policy an episode could end with: allowed values, within budget, the budget spent."""
+    env = env_with(demo_raw, tmp_path, "fill")
+    rng = np.random.default_rng(0)
+    episodes = [run_episode(env, rng.uniform(0.0, 1.0, env.num_units))[2]["keep"] for _ in range(6)]
+    for keep in episodes:  # an episode's own policy is the nearest to itself
+        assert env.nearest_policy(keep) == keep
+    mean = np.mean(episodes, axis=0)
+    fitted = env.nearest_policy(mean)
+    print("mean", mean.round(1), "fitted", fitted, "sizes", env.space.sizes)
+    assert all(f in c.allowed and c.floor <= f <= c.ceiling for f, c in zip(fitted, env.choices))
+    assert 0.45 < env.space.cost(fitted) / env.full_cost <= 0.5
+    assert np.abs(np.array(fitted) - mean).max() <= 1  # the mean almost fits: rounding, then filling
+    everything = env.nearest_policy(env.space.sizes)  # over budget: every unit shrinks by one fraction
+    assert env.space.cost(everything) <= env.budget and everything == env.spend_budget(everything)
+    assert 0.45 < env.space.cost(everything) / env.full_cost
+    accuracy_env = env_with(demo_raw, tmp_path, "accuracy", protocol="accuracy")  # no budget: only rounding
+    assert accuracy_env.nearest_policy(np.array(env.space.sizes) - 0.4) == list(env.space.sizes)
+    assert accuracy_env.nearest_policy([0] * env.num_units) == accuracy_env.floor
+
+
 def test_budget_holds_on_random_episodes(demo_cfg):
     env = env_from_config(demo_cfg)
     assert demo_cfg.search.target == 0.5

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -60,8 +61,8 @@ def test_the_answer_is_chosen_on_the_selection_split(demo_cfg, tmp_path):
     answer = search(cfg, tmp_path / "run", progress=False)
     candidates = answer["selection"]["candidates"]
     assert answer["selection"]["split"] == "select" and answer["selection"]["metric"] == "top1"
-    assert [c["source"] for c in candidates] == ["search"] * 4 + ["uniform", "global"]
-    assert len({tuple(c["keep"]) for c in candidates if c["source"] == "search"}) == 4
+    assert [c["source"] for c in candidates] == ["search"] * 4 + ["search_mean", "uniform", "global"]
+    assert len({tuple(c["keep"]) for c in candidates}) == 7
     rewards = [c["reward"] for c in candidates if c["source"] == "search"]
     assert rewards == sorted(rewards, reverse=True)
     winner = max(candidates, key=lambda c: c["score"])
@@ -73,8 +74,10 @@ def test_the_answer_is_chosen_on_the_selection_split(demo_cfg, tmp_path):
     assert answer["macs_ratio"] <= cfg.search.target + 1e-9
     env = workspace.env()
     check_fidelity(env)  # the precision the search's rewards were scored in
-    for rule in candidates[-2:]:  # the rules' rewards are the search's, for the same comparison
-        assert rule["reward"] == pytest.approx(env.evaluate(rule["keep"])[0])
+    for added in candidates[-3:]:  # the mean's and the rules' rewards are the search's, for the same comparison
+        assert added["reward"] == pytest.approx(env.evaluate(added["keep"])[0])
+    mean = candidates[4]  # the top-K's mean policy, fitted to the budget
+    assert mean["keep"] == env.nearest_policy(np.mean([c["keep"] for c in candidates[:4]], axis=0))
     noise = answer["noise"]
     p, n = noise["reward_val_top1"], cfg.data.reward_val_size
     assert noise["bootstrap_se"] == pytest.approx((p * (1 - p) / n) ** 0.5, rel=0.3)
@@ -87,7 +90,7 @@ def test_a_searched_policy_must_lead_the_best_rule_by_the_margin(demo_cfg):
     from amc.baselines import baseline_policy
     from amc.factory import Workspace
     from amc.pipeline import answer_note
-    from amc.selection import Candidate, images_to_separate, paired_standard_error, score_on_split, select
+    from amc.selection import SEARCH_MEAN, Candidate, images_to_separate, paired_standard_error, score_on_split, select
 
     ws = Workspace(demo_cfg)
     policies = {m: baseline_policy(demo_cfg, m, ws) for m in ("uniform", "global", "deep", "shallow", "random")}
@@ -122,6 +125,15 @@ def test_a_searched_policy_must_lead_the_best_rule_by_the_margin(demo_cfg):
             assert needed is None
     answer, decision = select(ws, candidates()[1:], lambda error, keep: -error, margin=100.0)
     assert answer.source == rule and decision == {}  # a rule won outright: nothing to decide
+    mean = Candidate(SEARCH_MEAN, policies[top], reward=-0.1)  # the top-K's mean is searched, held to the margin too
+    answer, decision = select(ws, [mean, *candidates()[1:]], lambda error, keep: -error, margin=0.0)
+    assert answer.source == SEARCH_MEAN and decision["search_source"] == SEARCH_MEAN and not decision["kept_rule"]
+    answer, decision = select(ws, [mean, *candidates()[1:]], lambda error, keep: -error, margin=1.001 * lead / se)
+    note = answer_note({"source": rule, "episode": None, "noise": {"bootstrap_se": 0.01, "calibration_spread": 0.0},
+                        "selection": {"split": "select", "margin": decision,
+                                      "candidates": [asdict(c) for c in (mean, *candidates())]}})
+    assert answer.source == rule and "best of 1 searched policies and their mean and 2 rules" in note
+    assert "the search's best (mean of the best) led" in note
 
 
 def test_run_files_follow_the_umask_and_no_temp_dir_is_left(demo_cfg, tmp_path, monkeypatch):
