@@ -259,10 +259,10 @@ def answer_note(answer: dict) -> str:
     searched = sum(c["source"] == "search" for c in selection["candidates"])
     mean = " and their mean" if any(c["source"] == SEARCH_MEAN for c in selection["candidates"]) else ""
     rules = [c["source"] for c in selection["candidates"] if is_rule(c)]
-    origin = (f"the {answer['source']} rule" if is_rule(answer) else
-              f"the mean of the search's {searched} best policies" if answer["source"] == SEARCH_MEAN
-              else f"the search's episode {answer['episode']}")
-    lines = [f"answer: {origin}, best of {searched} searched policies{mean} and {len(rules)} rules "
+    answered = (f"the {answer['source']} rule" if is_rule(answer) else
+                f"the mean of the search's {searched} best policies" if answer["source"] == SEARCH_MEAN
+                else f"the search's episode {answer['episode']}")
+    lines = [f"answer: {answered}, best of {searched} searched policies{mean} and {len(rules)} rules "
              f"({', '.join(rules) or 'none'}) on the {selection['split'].replace('_', '-')} split"]
     if margin := selection.get("margin"):
         best = {"source": margin.get("search_source", "search"), "episode": margin["search_episode"]}
