@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from amc.checkpoint import BASE_FORMAT, load_checkpoint, load_model
@@ -180,6 +181,33 @@ def test_paired_best_scores_two_searches_best_policies_on_the_same_images(demo_r
     assert paired_best.main([str(runs[0]), str(other)]) == 2
     assert "another base model or data split" in capsys.readouterr().err
     assert paired_best.main([str(runs[0]), str(tmp_path / "missing")]) == 2
+
+
+def test_critic_fit_trains_critics_on_the_saved_buffer_of_the_last_episodes(demo_raw, tmp_path, capsys):
+    import critic_fit
+
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    assert benchmark.main(["--config", str(config), "--targets", "0.5", "--episodes", "12", "--seeds", "0",
+                           "--methods", "amc", "--finetune-epochs", "0", "--set", "agent.warmup_episodes=4",
+                           "--set", "agent.buffer_episodes=10", "--out", str(tmp_path / "bench")]) == 0
+    run_dir = tmp_path / "bench" / "runs" / "amc_t0.5_s0"
+    capsys.readouterr()
+    assert critic_fit.main([str(run_dir), "--splits", "2"]) == 0
+    (row,) = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+              if line.startswith("| amc")]
+    last = [e["reward"] for e in read_episodes(run_dir)][-10:]  # the buffer keeps the last 10 episodes
+    assert row[1] == "10" and float(row[2]) == pytest.approx(100 * float(np.std(last, ddof=1)), abs=0.006)
+    for cell in row[3:]:
+        mean, sd = (float(v) for v in cell.split(" ± "))
+        assert -1 <= mean <= 1 and sd >= 0
+
+    short = tmp_path / "short"
+    assert benchmark.main(["--config", str(config), "--targets", "0.5", "--episodes", "5", "--seeds", "0",
+                           "--methods", "amc", "--finetune-epochs", "0", "--set", "agent.warmup_episodes=2",
+                           "--out", str(short)]) == 0
+    assert critic_fit.main([str(short / "runs" / "amc_t0.5_s0")]) == 2
+    assert "holds 5 episodes; held-out correlations need at least 10" in capsys.readouterr().err
+    assert critic_fit.main([str(tmp_path / "missing")]) == 2
 
 
 def test_quantize_benchmark_compares_search_uniform_and_sensitivity(demo_raw, tmp_path):
