@@ -37,8 +37,7 @@ def held_out_correlation(obs: torch.Tensor, actions: torch.Tensor, rewards: torc
     gen = torch.Generator().manual_seed(seed)
     episodes = torch.randperm(len(rewards) // steps, generator=gen)
     held, kept = episodes[: len(episodes) // 5], episodes[len(episodes) // 5:]
-    rows = lambda eps: (eps[:, None] * steps + torch.arange(steps)).reshape(-1)  # noqa: E731
-    train, test = rows(kept), rows(held)
+    train, test = ((eps[:, None] * steps + torch.arange(steps)).reshape(-1) for eps in (kept, held))  # their rows
     target = rewards - rewards[train].mean()
     if standardise:
         target = target / rewards[train].std()
