@@ -69,15 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = load_run_config(run_dir)
             state = load_checkpoint(run_dir / AGENT_FILE, AGENT_FORMAT)
+            buffer, steps = state["agent"]["buffer"], len(state["best"]["units"])
+            obs, actions, rewards = buffer["observations"][:, 0], buffer["actions"][:, 0], buffer["rewards"][:, 0]
+            per_episode = rewards.view(-1, steps)[:, 0]
+            if len(per_episode) < 10:
+                raise UserError(f"the agent's buffer holds {len(per_episode)} episodes; "
+                                "held-out correlations need at least 10", where=str(run_dir))
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 2
-        buffer, steps = state["agent"]["buffer"], len(state["best"]["units"])
-        obs, actions, rewards = buffer["observations"][:, 0], buffer["actions"][:, 0], buffer["rewards"][:, 0]
-        per_episode = rewards.view(-1, steps)[:, 0]
-        if len(per_episode) < 10:
-            print(f"error: {run_dir}: the agent's buffer holds {len(per_episode)} episodes; "
-                  "held-out correlations need at least 10", file=sys.stderr)
             return 2
         cells = [run_dir.name, str(len(per_episode)), f"{100 * per_episode.std():.2f}"]
         for standardise in (False, True):
