@@ -7,6 +7,13 @@ the uniform policy at the same budget, exports each as `amc export` does (the se
 repair), measures reward-val, selection-split and test top-1 and prints them with the Spearman
 rank correlation of reward-val and test over the top-K.
 
+It also asks which statistic of the reward-val images would rank the top-K as unseen images do:
+top-1 accuracy (the reward), the mean probability of the true class and the mean log-probability
+of the true class (minus the cross-entropy), each against top-1 on the selection split and on
+test. Top-1 counts only the images that change sides; the other two also move with the margins
+of every image, so they are less noisy, but they also reward confidence. The top-K were chosen
+on reward-val top-1, so its own correlation is biased low; the other rows are not.
+
     python scripts/rescore.py runs/resnet20_fmnist --top 10 [--set search.reconstruct_ridge=0.01]
 
 ``--set`` re-scores the run's policies under another setting (e.g. another repair).
@@ -19,6 +26,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from amc.baselines import baseline_policy
 from amc.config import config_from_dict
@@ -33,6 +41,21 @@ from amc.selection import mean_candidate, top_policies
 def spearman(a: list[float], b: list[float]) -> float:
     ranks = [np.argsort(np.argsort(x)).astype(float) for x in (a, b)]
     return float(np.corrcoef(*ranks)[0, 1])
+
+
+@torch.no_grad()
+def true_class_statistics(model: torch.nn.Module, batches) -> dict[str, float]:
+    """Top-1, mean probability and mean log-probability of the true class (fp32)."""
+    model.eval()
+    device = next(model.parameters()).device
+    hits, log_p = [], []
+    for x, y in batches:
+        logits, y = model(x.to(device)).float(), y.to(device)
+        hits.append(logits.argmax(dim=1).eq(y))
+        log_p.append(torch.log_softmax(logits, dim=1).gather(1, y[:, None])[:, 0])
+    hits, log_p = torch.cat(hits).double(), torch.cat(log_p).double()
+    return {"top-1": hits.mean().item(), "p(true class)": log_p.exp().mean().item(),
+            "log p(true class)": log_p.mean().item()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,19 +79,28 @@ def main(argv: list[str] | None = None) -> int:
     mean = mean_candidate(candidates, workspace.env())
     references = [("mean of the top", mean.keep)] if mean else []
     references.append(("uniform", baseline_policy(cfg, "uniform", workspace)))
-    rows, searched, tested = [], [], []
+    elsewhere = [split for split in splits if split != "reward_val"]
+    rows, top1, statistics = [], {split: [] for split in splits}, []
     for label, reward, keep in [*((str(c.episode), f"{c.reward:.4f}", c.keep) for c in candidates),
                                 *((label, "-", keep) for label, keep in references)]:  # outside the correlation
-        m = measure(prune_policy(workspace, keep)[0], workspace, splits=splits)
+        model = prune_policy(workspace, keep)[0]
+        m = measure(model, workspace, splits=splits)
         if reward != "-":
-            searched.append(m["reward_val_top1"])
-            tested.append(m["test_top1"])
+            for split in splits:
+                top1[split].append(m[f"{split}_top1"])
+            statistics.append(true_class_statistics(model, workspace.loader("reward_val")))
         rows.append([label, reward, *(f"{100 * m[f'{split}_top1']:.2f}" for split in splits),
                      f"{space.cost(keep) / full:.3f}"])
     print(table(["episode", "search reward", *(f"export {split.replace('_', '-')} (%)" for split in splits),
                  "cost ratio"], rows, markdown=True))
-    print(f"\nSpearman rank correlation, reward-val vs test over the top {len(searched)}: "
-          f"{spearman(searched, tested):.2f}")
+    print(f"\nSpearman rank correlation, reward-val vs test over the top {len(statistics)}: "
+          f"{spearman(top1['reward_val'], top1['test']):.2f}")
+    print(f"\nSpearman rank correlation over the top {len(statistics)}, each reward-val statistic vs top-1 elsewhere:\n")
+    correlations = []
+    for name in statistics[0]:
+        values = [s[name] for s in statistics]
+        correlations.append([name, *(f"{spearman(values, top1[split]):.2f}" for split in elsewhere)])
+    print(table(["reward-val statistic", *(f"vs {split} top-1" for split in elsewhere)], correlations, markdown=True))
     return 0
 
 

@@ -101,6 +101,12 @@ def test_fine_grained_benchmark_keeps_the_density_through_fine_tuning(demo_raw, 
     assert uniform["test_top1_after_ft"] > 0.5
 
 
+def markdown_tables(out: str) -> list[list[list[str]]]:
+    """The markdown tables printed in ``out``, each as its rows of stripped cells (header first)."""
+    return [[[cell.strip() for cell in line.split("|")[1:-1]] for line in block.splitlines() if line.startswith("| ")]
+            for block in out.split("\n\n") if block.startswith("| ")]
+
+
 def test_rescore_measures_the_best_episodes_on_test(demo_raw, tmp_path, capsys):
     import rescore
 
@@ -109,18 +115,21 @@ def test_rescore_measures_the_best_episodes_on_test(demo_raw, tmp_path, capsys):
     capsys.readouterr()
     assert rescore.main([str(tmp_path / "bench" / "runs" / "amc_t0.5_s0"), "--top", "3"]) == 0
     out = capsys.readouterr().out
-    header, *rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    header, *rows = markdown_tables(out)[0]
     assert header[2:] == ["export reward-val (%)", "export select (%)", "export test (%)", "cost ratio"]
     assert [r[0] for r in rows][3:] == ["mean of the top", "uniform"]  # the three best, their mean, the rule
     for row in rows:
         assert all(50 < float(v) <= 100 for v in row[2:5]) and 0.45 < float(row[5]) <= 0.5
-    assert "Spearman rank correlation" in out
+    assert "Spearman rank correlation, reward-val vs test" in out
+    header, *correlations = markdown_tables(out)[1]  # each reward-val statistic against top-1 on the other splits
+    assert header == ["reward-val statistic", "vs select top-1", "vs test top-1"]
+    assert [r[0] for r in correlations] == ["top-1", "p(true class)", "log p(true class)"]
+    assert all(-1 <= float(v) <= 1 for r in correlations for v in r[1:] if v != "nan")
     assert rescore.main([str(tmp_path / "missing")]) == 2
 
     run_dir = str(tmp_path / "bench" / "runs" / "amc_t0.5_s0")  # the same policies under another repair
     assert rescore.main([run_dir, "--top", "3", "--set", "search.calibration=none"]) == 0
-    unrepaired = [[cell.strip() for cell in line.split("|")[1:-1]]
-                  for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    unrepaired = markdown_tables(capsys.readouterr().out)[0][1:]
     assert [r[0] for r in unrepaired] == [r[0] for r in rows] and [r[4] for r in unrepaired] != [r[4] for r in rows]
     assert rescore.main([run_dir, "--set", "search.no_such_field=1"]) == 2
 
