@@ -168,7 +168,10 @@ class SearchConfig(Section):
     max_bits: int = Field(8, ge=2, le=8, description="quantize / joint: the widest bit width a step may take")
     quantize_activations: bool = Field(False, description=(
         "quantize / joint: also search each layer's input bit width (HAQ); otherwise inputs stay fp32"))
-    reward_metric: Literal["top1", "top5"] = "top1"
+    reward_metric: Literal["top1", "top5", "nll"] = Field("top1", description=(
+        "what rewards and the selection step measure: top-1 / top-5 accuracy (error = 1 - accuracy), or nll, "
+        "the mean cross-entropy of the true class (error = cross-entropy): it moves with every image's margin, "
+        "not only with the images that change sides, so it tells close policies apart with less noise"))
     select_top_k: int = Field(10, ge=1, description="distinct best policies re-scored on the selection split")
     select_margin: float = Field(2.0, ge=0, description=(
         "a searched policy replaces the best rule as the answer only if it leads it on the selection split by "

@@ -33,6 +33,7 @@ from amc.data import (DataSplits, ImagePreprocessing, data_shape, load_splits, m
 from amc.errors import UserError
 from amc.graph import PrunableGraph, find_units
 from amc.inference import fp32_accuracy, repair_dtype
+from amc.metrics import metric_value
 from amc.models import build_model, model_spec
 from amc.scoring import Scorer
 from amc.spaces import ChannelSpace, FineGrainedSpace, Space
@@ -225,7 +226,7 @@ class Workspace:
     def metric(self, model: nn.Module, batches: Iterable) -> float:
         """What the run maximises on held-out data: top-1 (or top-5) accuracy, or ``evaluate``'s value."""
         if self.evaluate is None:
-            return fp32_accuracy(model, batches)[self.cfg.search.reward_metric]
+            return metric_value(fp32_accuracy(model, batches), self.cfg.search.reward_metric)
         with torch.no_grad():
             value = self.evaluate(model.eval(), batches)
         if not isinstance(value, numbers.Real) and not (isinstance(value, torch.Tensor) and value.numel() == 1):
@@ -302,7 +303,8 @@ class Workspace:
         device = self.device
         reward = [to_device(batch, device) for batch in cached_batches(self.splits.reward_val, d.loader_batch_size)]
         repair = self.base_repair() if model is self.base_model else self.repair(model)
-        batch_size = None if d.eval_batch_size == "auto" else d.eval_batch_size
+        # a cross-entropy's last bits depend on the batch size (top-k does not): nll keeps one for the run
+        batch_size = None if d.eval_batch_size == "auto" and s.reward_metric != "nll" else d.loader_batch_size
         try:
             return Scorer(model, reward, repair, s.reward_metric, s.precision, batch_size,
                           evaluate=None if self.evaluate is None else self.metric,

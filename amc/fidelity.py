@@ -25,7 +25,7 @@ import numpy as np
 from amc.calibration import Repair
 from amc.envs import PruningEnv, run_episode
 from amc.files import atomic_write_json
-from amc.metrics import accuracy
+from amc.metrics import accuracy, metric_value
 
 TOLERANCE = 0.25  # of the reward's binomial standard error
 POLICIES = 5
@@ -52,7 +52,7 @@ def reference_error(env: PruningEnv, keep: list[int], repair: Repair | None = No
     scorer = env.scorer
     pruned = env.space.apply(copy.deepcopy(env.model), keep)
     (repair or scorer.repair)(pruned, env.space.refit_layers(keep))
-    return 1.0 - accuracy(pruned, scorer.fast.batches(REFERENCE_BATCH_SIZE))[scorer.metric]
+    return 1.0 - metric_value(accuracy(pruned, scorer.fast.batches(REFERENCE_BATCH_SIZE)), scorer.metric)
 
 
 def reordered_pairs(fast: list[float], reference: list[float], gap: float) -> int:

@@ -1,4 +1,9 @@
-"""Measured costs and accuracy of a model: thop MACs, parameters, latency, top-k accuracy."""
+"""Measured costs and accuracy of a model: thop MACs, parameters, latency, top-k accuracy and
+cross-entropy.
+
+The reward metric (``search.reward_metric``) is higher-is-better with error = 1 - metric: top-1
+or top-5 accuracy, or for ``nll`` one minus the mean cross-entropy of the true class, so that the
+error is the cross-entropy itself."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 import thop
 import torch
+import torch.nn.functional as F
 from thop.vision.basic_hooks import count_convNd, count_linear, zero_ops
 from torch import nn
 
@@ -119,7 +125,8 @@ def accuracy(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype | None = None,
     channels_last: bool = False,
 ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (fractions in [0, 1]) over ``batches``; NaN if any logit is not finite.
+    """Top-1 and top-5 accuracy (fractions in [0, 1]) and ``nll``, the mean cross-entropy of the
+    true class, over ``batches``; NaN if any logit is not finite.
 
     ``dtype`` (bfloat16 / float16) runs the model under autocast; ``channels_last`` feeds the
     images in that layout (the model should be in it too). The defaults are plain fp32.
@@ -128,29 +135,40 @@ def accuracy(
     device = next(model.parameters()).device
     layout = torch.channels_last if channels_last else torch.preserve_format
     correct1 = correct5 = seen = 0
+    nll = 0.0
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for x, y in batches:
             x, y = x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
             logits = model(x)
             if not torch.isfinite(logits).all():
-                return {"top1": float("nan"), "top5": float("nan")}
+                return {"top1": float("nan"), "top5": float("nan"), "nll": float("nan")}
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top.eq(y[:, None])
             correct1 += int(hits[:, 0].sum())
             correct5 += int(hits.any(dim=1).sum())
+            nll += float(F.cross_entropy(logits.float(), y, reduction="sum"))
             seen += len(y)
-    return {"top1": correct1 / max(seen, 1), "top5": correct5 / max(seen, 1)}
+    return {"top1": correct1 / max(seen, 1), "top5": correct5 / max(seen, 1), "nll": nll / max(seen, 1)}
+
+
+def metric_value(stats: dict[str, float], metric: str) -> float:
+    """The reward metric (higher is better, error = 1 - metric) from ``accuracy``'s statistics."""
+    return 1.0 - stats["nll"] if metric == "nll" else stats[metric]
 
 
 @torch.inference_mode()
-def sample_hits(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], metric: str = "top1") -> np.ndarray:
-    """Per-image hit (1.0) or miss (0.0) in ``metric`` (top1 / top5), in data order (fp32)."""
+def per_image_metric(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     metric: str = "top1") -> np.ndarray:
+    """Per image, in data order (fp32): hit (1.0) or miss (0.0) in top1 / top5, or for nll one
+    minus the image's cross-entropy; their mean is ``metric_value`` on the same images."""
     model = model.eval()
     device = next(model.parameters()).device
     k = 5 if metric == "top5" else 1
-    hits = []
+    values = []
     for x, y in batches:
-        logits = model(x.to(device))
-        top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-        hits.append(top.eq(y.to(device)[:, None]).any(dim=1).cpu())
-    return torch.cat(hits).double().numpy() if hits else np.zeros(0)
+        logits, y = model(x.to(device)).float(), y.to(device)
+        if metric == "nll":
+            values.append((1.0 - F.cross_entropy(logits, y, reduction="none")).cpu())
+        else:
+            values.append(logits.topk(min(k, logits.shape[1]), dim=1).indices.eq(y[:, None]).any(dim=1).cpu())
+    return torch.cat(values).double().numpy() if values else np.zeros(0)

@@ -23,7 +23,7 @@ from amc.metrics import accuracy
 from amc.quantization import refold_batchnorm, unfold_batchnorm
 from amc.report import comparison_table, human, plot_episodes, plot_policy, table
 from amc.search import BEST_FILE, load_run_config, read_episodes, search
-from amc.selection import SEARCH_MEAN, images_to_separate, is_rule, origin
+from amc.selection import SEARCH_MEAN, images_to_separate, in_units, is_rule, origin
 from amc.train import fit
 
 
@@ -256,6 +256,7 @@ def answer_label(answer: dict) -> str:
 def answer_note(answer: dict) -> str:
     """Lines on where the answer came from, how noisy the reward was, and how the rules scored in the search."""
     selection, noise = answer["selection"], answer["noise"]
+    metric = selection.get("metric", "top1")
     searched = sum(c["source"] == "search" for c in selection["candidates"])
     mean = " and their mean" if any(c["source"] == SEARCH_MEAN for c in selection["candidates"]) else ""
     rules = [c["source"] for c in selection["candidates"] if is_rule(c)]
@@ -267,14 +268,14 @@ def answer_note(answer: dict) -> str:
     if margin := selection.get("margin"):
         best = {"source": margin.get("search_source", "search"), "episode": margin["search_episode"]}
         leader = f"the search's best ({origin(best)})" if margin["kept_rule"] else "it"
-        lines[0] += (f"; {leader} led the {margin['rule']} rule by "
-                     f"{100 * margin['search_lead']:.2f} points, {'not ' if margin['kept_rule'] else ''}more than "
-                     f"{margin['margin']:g} x {100 * margin['paired_se']:.2f} (paired standard error)")
+        lines[0] += (f"; {leader} led the {margin['rule']} rule by {in_units(margin['search_lead'], metric)}, "
+                     f"{'not ' if margin['kept_rule'] else ''}more than {margin['margin']:g} x "
+                     f"{in_units(margin['paired_se'], metric)} (paired standard error)")
         if needed := images_to_separate(margin):
             lines.append(f"a lead this size would clear the margin on about {needed} selection images "
                          f"(now {margin['images']}): raise data.select_size and retrain the base model with them held out")
-    over_images = "" if noise["bootstrap_se"] is None else f"±{100 * noise['bootstrap_se']:.2f} points over images, "
-    lines.append(f"reward noise: {over_images}±{100 * noise['calibration_spread']:.2f} over calibration samples")
+    over_images = "" if noise["bootstrap_se"] is None else f"±{in_units(noise['bootstrap_se'], metric)} over images, "
+    lines.append(f"reward noise: {over_images}±{in_units(noise['calibration_spread'], metric)} over calibration samples")
     if rewards := best_rewards(selection["candidates"]):
         names = {"search": "best episode", SEARCH_MEAN: "mean of the best"}
         lines.append("rewards as the search scores them: " + ", ".join(

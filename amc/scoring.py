@@ -3,8 +3,8 @@ none), then measure its error on the reward-val subset on the fast path (``amc.i
 data is held in memory, so the same policy always gets the same reward and no data loading
 happens inside an episode.
 
-The error is 1 - top-1 (or top-5) accuracy, or 1 - ``evaluate(model, batches)`` for a user's
-metric (higher is better): the resource protocol's reward ``-error`` is then ``metric - 1``.
+The error is 1 - top-1 (or top-5) accuracy, the mean cross-entropy for ``nll``, or
+1 - ``evaluate(model, batches)`` for a user's metric (higher is better): the resource protocol's reward ``-error`` is then ``metric - 1``.
 A user's metric runs the user's code as written (fp32): the fast path serves top-k accuracy.
 Fake-quantized models (``fold=False``) have their BatchNorms folded already; their rounding runs
 in the reduced precision too, which the fidelity check measures like any other."""
@@ -19,6 +19,7 @@ from torch import nn
 
 from amc.calibration import Repair
 from amc.inference import FastEval, batchnorm_pairs, candidate_precisions, uses_channels_last
+from amc.metrics import metric_value
 
 
 class Scorer:
@@ -55,10 +56,10 @@ class Scorer:
         self.fast.precision = precision
 
     def error(self, model: nn.Module, inplace: bool = False) -> float:
-        """1 - the reward metric of an already repaired ``model`` (top-k accuracy on the fast path)."""
+        """1 - the reward metric of an already repaired ``model`` (top-k accuracy or nll on the fast path)."""
         if self.evaluate is not None:
             return 1.0 - self.evaluate(model, self.reward_batches)
-        return 1.0 - self.fast.accuracy(model, inplace)[self.metric]
+        return 1.0 - metric_value(self.fast.accuracy(model, inplace), self.metric)
 
     def __call__(self, pruned: nn.Module, refit_layers: dict | None = None) -> tuple[float, dict[str, float]]:
         """Repair ``pruned`` in place, score it (its BN is folded afterwards); (error, seconds per step)."""

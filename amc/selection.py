@@ -41,7 +41,7 @@ from amc.baselines import baseline_policy
 from amc.errors import UserError
 from amc.export import prune_policy
 from amc.factory import Workspace
-from amc.metrics import sample_hits
+from amc.metrics import per_image_metric
 
 RULES = ("uniform", "global")
 SEARCH_MEAN = "search_mean"  # the source of the top-K's mean policy
@@ -109,9 +109,10 @@ def paired_standard_error(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def score_on_split(workspace: Workspace, keep: list[int], split: str, seed: int | None = None) -> np.ndarray:
-    """Per-image hits of ``keep`` repaired as export repairs it, on ``split`` (fp32)."""
+    """Per-image values of the run's metric (``per_image_metric``) of ``keep`` repaired as export
+    repairs it, on ``split`` (fp32)."""
     model, _ = prune_policy(workspace, keep, calibration_seed=seed)
-    return sample_hits(model, workspace.loader(split), workspace.cfg.search.reward_metric)
+    return per_image_metric(model, workspace.loader(split), workspace.cfg.search.reward_metric)
 
 
 def metric_on_split(workspace: Workspace, keep: list[int], split: str, seed: int | None = None) -> float:
@@ -126,7 +127,7 @@ def select(workspace: Workspace, candidates: list[Candidate], reward_of: Callabl
            split: str = "select", progress: bool = False, margin: float = 0.0) -> tuple[Candidate, dict]:
     """Score every candidate on ``split``; the best score wins (the earlier candidate on a tie),
     except that a searched winner must beat the best rule by more than ``margin`` standard errors
-    of their paired difference (per-image top-k; a user's metric gives one number, so no margin).
+    of their paired difference (per image; a user's metric gives one number, so no margin).
 
     ``reward_of(error, keep)`` is the protocol's reward, so the accuracy-guaranteed protocol
     still trades error against cost here. Returns the answer and how the margin decided.
@@ -167,21 +168,30 @@ def images_to_separate(decision: dict) -> int | None:
 
 
 def reward_noise(workspace: Workspace, keep: list[int], seed: int = 0) -> dict:
-    """How much a policy's reward moves by chance: over reward-val images, and over calibration samples."""
-    if workspace.evaluate is not None:
+    """How much a policy's reward moves by chance: over reward-val images (a bootstrap; none for a
+    user's metric, which is one number), and over calibration samples."""
+    bootstrap_se = None
+    if workspace.evaluate is None:
+        values = score_on_split(workspace, keep, "reward_val")
+        value = float(values.mean())
+        rng = np.random.default_rng(seed)
+        boot = values[rng.integers(0, len(values), size=(BOOTSTRAP_SAMPLES, len(values)))].mean(axis=1)
+        bootstrap_se = float(boot.std(ddof=1))
+    else:
         value = metric_on_split(workspace, keep, "reward_val")
-        redraws = [metric_on_split(workspace, keep, "reward_val", seed=workspace.cfg.seed + 1000 + i)
-                   for i in range(CALIBRATION_REDRAWS)]
-        return {"reward_val_metric": value, "reward_val_error": 1.0 - value, "bootstrap_se": None,
-                "calibration_metric": redraws, "calibration_spread": float(np.std([value, *redraws], ddof=1))}
-    hits = score_on_split(workspace, keep, "reward_val")
-    rng = np.random.default_rng(seed)
-    boot = hits[rng.integers(0, len(hits), size=(BOOTSTRAP_SAMPLES, len(hits)))].mean(axis=1)
-    redraws = [float(score_on_split(workspace, keep, "reward_val", seed=workspace.cfg.seed + 1000 + i).mean())
+    redraws = [metric_on_split(workspace, keep, "reward_val", seed=workspace.cfg.seed + 1000 + i)
                for i in range(CALIBRATION_REDRAWS)]
-    return {"reward_val_top1": float(hits.mean()), "reward_val_error": 1.0 - float(hits.mean()),
-            "bootstrap_se": float(boot.std(ddof=1)),
-            "calibration_top1": redraws, "calibration_spread": float(np.std([hits.mean(), *redraws], ddof=1))}
+    return {"metric": workspace.metric_name, "reward_val_metric": value, "reward_val_error": 1.0 - value,
+            "bootstrap_se": bootstrap_se, "calibration_metric": redraws,
+            "calibration_spread": float(np.std([value, *redraws], ddof=1))}
+
+
+def in_units(difference: float, metric: str) -> str:
+    """A difference of the run's metric in words: points of accuracy, nats of cross-entropy, or
+    the user's metric's own units."""
+    if metric in ("top1", "top5"):
+        return f"{100 * difference:.2f} points"
+    return f"{difference:.4f} nats" if metric == "nll" else f"{difference:.4g}"
 
 
 def as_records(candidates: list[Candidate]) -> list[dict]:

@@ -42,7 +42,7 @@ from amc.errors import UserError
 from amc.factory import Workspace, seed_everything
 from amc.fidelity import check_fidelity
 from amc.inference import DTYPES
-from amc.metrics import accuracy, count_macs
+from amc.metrics import accuracy, count_macs, metric_value
 
 CALIBRATIONS = ("none", "bn", "lsq", "both")
 PARTS = ("copy", "prune", "reconstruct", "calibrate")
@@ -101,7 +101,7 @@ def fp32_pass(env, keep: list[int], batch_size: int) -> tuple[float, float, int]
     pruned = env.space.apply(copy.deepcopy(env.model), keep)
     scorer.repair.in_fp32()(pruned, env.space.refit_layers(keep))
     start = time.perf_counter()
-    top1 = accuracy(pruned, scorer.fast.batches(batch_size))[scorer.metric]
+    top1 = metric_value(accuracy(pruned, scorer.fast.batches(batch_size)), scorer.metric)
     seconds = time.perf_counter() - start
     return seconds, 1.0 - top1, count_macs(pruned, (1, *scorer.fast.images.shape[1:]))
 

@@ -81,8 +81,9 @@ def test_fp32_results_identical_across_batch_sizes(demo_raw, tmp_path):
     for batch_size in (1, 7, 64, 300, None):  # None: the measured fastest
         evaluator = FastEval(fast.images, fast.labels, fast.pairs, fast.channels_last, "fp32", batch_size)
         results.append(evaluator.accuracy(pruned))
-    assert all(r == reference for r in results)
-    assert 0.5 < reference["top1"] < 1.0
+    assert all((r["top1"], r["top5"]) == (reference["top1"], reference["top5"]) for r in results)
+    assert all(r["nll"] == pytest.approx(reference["nll"], rel=1e-5) for r in results)  # summed in another order
+    assert 0.5 < reference["top1"] < 1.0 and 0 < reference["nll"] < 2
     assert set(evaluator.measured) == {"fp32"}
 
 

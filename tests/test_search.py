@@ -79,9 +79,41 @@ def test_the_answer_is_chosen_on_the_selection_split(demo_cfg, tmp_path):
     mean = candidates[4]  # the top-K's mean policy, fitted to the budget
     assert mean["keep"] == env.nearest_policy(np.mean([c["keep"] for c in candidates[:4]], axis=0))
     noise = answer["noise"]
-    p, n = noise["reward_val_top1"], cfg.data.reward_val_size
+    p, n = noise["reward_val_metric"], cfg.data.reward_val_size
     assert noise["bootstrap_se"] == pytest.approx((p * (1 - p) / n) ** 0.5, rel=0.3)
-    assert len(noise["calibration_top1"]) == 3 and noise["calibration_spread"] >= 0
+    assert len(noise["calibration_metric"]) == 3 and noise["calibration_spread"] >= 0
+
+
+def test_nll_rewards_and_selects_by_the_cross_entropy_of_the_true_class(demo_cfg, tmp_path):
+    """reward_metric nll: the error is the mean cross-entropy, in the rewards, the selection step
+    (per image, for the margin) and the noise, and the summary speaks of nats."""
+    import torch
+    import torch.nn.functional as F
+
+    from amc.export import prune_policy
+    from amc.factory import Workspace
+    from amc.fidelity import check_fidelity
+    from amc.metrics import accuracy, per_image_metric
+    from amc.pipeline import answer_note
+
+    cfg = demo_cfg.model_copy(update={"search": demo_cfg.search.model_copy(update={"reward_metric": "nll"})})
+    answer = search(cfg, tmp_path / "run", progress=False)
+    assert answer["selection"]["metric"] == "nll" and answer["noise"]["metric"] == "nll"
+    workspace = Workspace(cfg)
+    env = workspace.env()
+    check_fidelity(env)
+    model, _ = prune_policy(workspace, answer["keep"])
+    batches = list(workspace.loader("select"))
+    logits = torch.cat([model(x) for x, _ in batches])
+    cross_entropy = F.cross_entropy(logits, torch.cat([y for _, y in batches])).item()
+    (chosen,) = [c for c in answer["selection"]["candidates"] if (c["source"], c["keep"]) == (answer["source"], answer["keep"])]
+    assert chosen["select_metric"] == pytest.approx(1 - cross_entropy, abs=1e-6)
+    assert per_image_metric(model, batches, "nll").mean() == pytest.approx(1 - cross_entropy, abs=1e-6)
+    reward_val = accuracy(model, workspace.loader("reward_val"))
+    assert answer["noise"]["reward_val_error"] == pytest.approx(reward_val["nll"], abs=1e-6)
+    assert answer["reward"] == pytest.approx(env.evaluate(answer["keep"])[0])  # the search's own score
+    assert answer["reward"] == pytest.approx(-reward_val["nll"], abs=1e-4)  # resource protocol: -cross-entropy
+    assert " nats" in answer_note(answer) and "points" not in answer_note(answer)
 
 
 def test_a_searched_policy_must_lead_the_best_rule_by_the_margin(demo_cfg):
