@@ -25,22 +25,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from amc.baselines import baseline_policy
 from amc.config import config_from_dict
 from amc.errors import UserError
 from amc.export import measure, prune_policy
+from amc.fidelity import rank_correlation
 from amc.factory import Workspace
 from amc.report import table
 from amc.search import load_run_config, read_episodes
 from amc.selection import mean_candidate, top_policies
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    ranks = [np.argsort(np.argsort(x)).astype(float) for x in (a, b)]
-    return float(np.corrcoef(*ranks)[0, 1])
 
 
 @torch.no_grad()
@@ -94,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["episode", "search reward", *(f"export {split.replace('_', '-')} (%)" for split in splits),
                  "cost ratio"], rows, markdown=True))
     print(f"\nSpearman rank correlation, reward-val vs test over the top {len(statistics)}: "
-          f"{spearman(top1['reward_val'], top1['test']):.2f}")
+          f"{rank_correlation(top1['reward_val'], top1['test']):.2f}")
     print(f"\nSpearman rank correlation over the top {len(statistics)}, each reward-val statistic vs top-1 elsewhere:\n")
     correlations = []
     for name in statistics[0]:
         values = [s[name] for s in statistics]
-        correlations.append([name, *(f"{spearman(values, top1[split]):.2f}" for split in elsewhere)])
+        correlations.append([name, *(f"{rank_correlation(values, top1[split]):.2f}" for split in elsewhere)])
     print(table(["reward-val statistic", *(f"vs {split} top-1" for split in elsewhere)], correlations, markdown=True))
     return 0
 
