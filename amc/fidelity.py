@@ -2,8 +2,9 @@
 
 At search start the base model and a few random clipped policies are scored on the fast path
 and in plain fp32 (eager, BN unfolded: the reference). A reduced precision is kept only if its
-mean |top-1 difference| stays under a quarter of the reward's own sampling error (the binomial
-standard error at the reward-val size) and it reorders no two policies that fp32 separates by
+mean |error difference| stays under a quarter of the reward's own sampling error at the
+reward-val size (binomial for top-k accuracy; for nll the per-image spread of the cross-entropy
+over the square root of the images) and it reorders no two policies that fp32 separates by
 more than that; otherwise the search scores in fp32 and says so in one warning line. (Two
 policies closer than that are tied at the reward's resolution: a rank correlation counted their
 swap, e.g. two VGG-16 policies 2 images apart in 5,000, and sent whole searches to fp32.)
@@ -21,11 +22,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from amc.calibration import Repair
 from amc.envs import PruningEnv, run_episode
 from amc.files import atomic_write_json
-from amc.metrics import accuracy, metric_value
+from amc.metrics import accuracy, in_units, metric_value, per_image_metric
 
 TOLERANCE = 0.25  # of the reward's binomial standard error
 POLICIES = 5
@@ -46,13 +48,30 @@ def rank_correlation(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
 
 
-def reference_error(env: PruningEnv, keep: list[int], repair: Repair | None = None) -> float:
-    """The policy's reward error in plain fp32 (eager, BN unfolded) after ``repair`` (default:
-    the scorer's own, so that only the evaluation differs from the reward)."""
-    scorer = env.scorer
+def reference_model(env: PruningEnv, keep: list[int], repair: Repair | None = None) -> nn.Module:
+    """The policy pruned and repaired by ``repair`` (default: the scorer's own, so that only the
+    evaluation differs from the reward), to be evaluated in plain fp32 (eager, BN unfolded)."""
     pruned = env.space.apply(copy.deepcopy(env.model), keep)
-    (repair or scorer.repair)(pruned, env.space.refit_layers(keep))
-    return 1.0 - metric_value(accuracy(pruned, scorer.fast.batches(REFERENCE_BATCH_SIZE)), scorer.metric)
+    (repair or env.scorer.repair)(pruned, env.space.refit_layers(keep))
+    return pruned
+
+
+def reference_error(env: PruningEnv, keep: list[int], repair: Repair | None = None) -> float:
+    """The policy's reward error in plain fp32 (eager, BN unfolded) after ``repair``."""
+    scorer = env.scorer
+    return 1.0 - metric_value(accuracy(reference_model(env, keep, repair), scorer.fast.batches(REFERENCE_BATCH_SIZE)),
+                              scorer.metric)
+
+
+def sampling_error(env: PruningEnv, keep: list[int], mean_error: float, repair: Repair | None = None) -> float:
+    """The reward's own standard error at the reward-val size: binomial at ``mean_error`` for top-k
+    accuracy; for nll the spread of ``keep``'s per-image cross-entropy over the square root of the images."""
+    scorer = env.scorer
+    images = len(scorer.fast.labels)
+    if scorer.metric != "nll":
+        return max(math.sqrt(mean_error * (1.0 - mean_error) / images), 1.0 / images)
+    values = per_image_metric(reference_model(env, keep, repair), scorer.fast.batches(REFERENCE_BATCH_SIZE), "nll")
+    return float(values.std(ddof=1) / math.sqrt(images))
 
 
 def reordered_pairs(fast: list[float], reference: list[float], gap: float) -> int:
@@ -63,11 +82,9 @@ def reordered_pairs(fast: list[float], reference: list[float], gap: float) -> in
                if abs(reference[i] - reference[j]) > gap and (fast[i] - fast[j]) * (reference[i] - reference[j]) <= 0)
 
 
-def compare(fast: list[float], reference: list[float], images: int, tolerance: float) -> dict:
-    """The numbers the decision rests on, and the decision."""
+def compare(fast: list[float], reference: list[float], se: float, tolerance: float) -> dict:
+    """The numbers the decision rests on (``se``: the reward's own standard error), and the decision."""
     diffs = [abs(f - r) for f, r in zip(fast, reference)]
-    mean_error = float(np.mean(reference))
-    se = max(math.sqrt(mean_error * (1.0 - mean_error) / images), 1.0 / images)
     allowed = tolerance * se
     mean_diff = float(np.mean(diffs))
     reordered = reordered_pairs(fast, reference, allowed)
@@ -98,19 +115,20 @@ def check_fidelity(env: PruningEnv, path: str | Path | None = None, policies: in
         keeps = [list(env.space.sizes)] + [info["keep"] for info in played]
         first = [env.evaluate(keeps[0])[1]["error"]] + [info["error"] for info in played]
         reference = [reference_error(env, keep, reference_repair) for keep in keeps]
+        se = sampling_error(env, keeps[0], float(np.mean(reference)), reference_repair)
         report.update(keeps=keeps, fp32_errors=reference)
         for precision in scorer.candidates:
             scorer.use_precision(precision)
             fast = first if precision == scorer.candidates[0] else [env.evaluate(k)[1]["error"] for k in keeps]
-            report["candidates"][precision] = compare(fast, reference, images, tolerance)
+            report["candidates"][precision] = compare(fast, reference, se, tolerance)
             if report["candidates"][precision]["passed"]:
                 break
         else:
             worst = report["candidates"][scorer.candidates[-1]]
             warnings.warn(
                 f"fidelity check: {', '.join(scorer.candidates)} would change the rewards ({worst['reordered_pairs']} "
-                f"pairs of policies reordered, mean |{scorer.metric} difference| {100 * worst['mean_abs_diff']:.2f} "
-                f"points, allowed < {100 * worst['allowed_mean_abs_diff']:.2f}); rewards are scored in fp32")
+                f"pairs of policies reordered, mean |{scorer.metric} difference| {in_units(worst['mean_abs_diff'], scorer.metric)}, "
+                f"allowed < {in_units(worst['allowed_mean_abs_diff'], scorer.metric)}); rewards are scored in fp32")
             scorer.use_precision("fp32")
     report.update(precision=scorer.precision, seconds=time.perf_counter() - started)
     if path is not None:

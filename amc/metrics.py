@@ -172,3 +172,11 @@ def per_image_metric(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
         else:
             values.append(logits.topk(min(k, logits.shape[1]), dim=1).indices.eq(y[:, None]).any(dim=1).cpu())
     return torch.cat(values).double().numpy() if values else np.zeros(0)
+
+
+def in_units(difference: float, metric: str) -> str:
+    """A difference of the run's metric in words: points of accuracy, nats of cross-entropy, or
+    the user's metric's own units."""
+    if metric in ("top1", "top5"):
+        return f"{100 * difference:.2f} points"
+    return f"{difference:.4f} nats" if metric == "nll" else f"{difference:.4g}"

@@ -19,11 +19,11 @@ from amc.errors import UserError
 from amc.export import export_onnx, measure, prune_policy, save_pruned
 from amc.factory import Workspace, seed_everything
 from amc.graph import COUPLED
-from amc.metrics import accuracy
+from amc.metrics import accuracy, in_units
 from amc.quantization import refold_batchnorm, unfold_batchnorm
 from amc.report import comparison_table, human, plot_episodes, plot_policy, table
 from amc.search import BEST_FILE, load_run_config, read_episodes, search
-from amc.selection import SEARCH_MEAN, images_to_separate, in_units, is_rule, origin
+from amc.selection import SEARCH_MEAN, images_to_separate, is_rule, origin
 from amc.train import fit
 
 

@@ -186,13 +186,5 @@ def reward_noise(workspace: Workspace, keep: list[int], seed: int = 0) -> dict:
             "calibration_spread": float(np.std([value, *redraws], ddof=1))}
 
 
-def in_units(difference: float, metric: str) -> str:
-    """A difference of the run's metric in words: points of accuracy, nats of cross-entropy, or
-    the user's metric's own units."""
-    if metric in ("top1", "top5"):
-        return f"{100 * difference:.2f} points"
-    return f"{difference:.4f} nats" if metric == "nll" else f"{difference:.4g}"
-
-
 def as_records(candidates: list[Candidate]) -> list[dict]:
     return [asdict(c) for c in candidates]

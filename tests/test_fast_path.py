@@ -110,15 +110,32 @@ def test_fidelity_check_falls_back_to_fp32_and_leaves_the_rng_alone(demo_raw, tm
     assert env.evaluate(keep)[1]["error"] == saved["fp32_errors"][1]
 
 
+def test_the_fidelity_check_of_nll_rewards_measures_the_cross_entropys_own_error(demo_raw, tmp_path):
+    """nll's error (the cross-entropy) is not a proportion: its sampling error is the per-image
+    spread over the square root of the images, and the check decides on that scale."""
+    from amc.fidelity import reference_model
+    from amc.metrics import per_image_metric
+
+    env = demo_env(demo_raw, tmp_path, precision="bf16", reward_metric="nll")
+    report = check_fidelity(env, policies=2, tolerance=1e9)
+    values = per_image_metric(reference_model(env, env.space.sizes), env.scorer.fast.batches(256), "nll")
+    bf16 = report["candidates"]["bf16"]
+    assert bf16["passed"] and bf16["standard_error"] == pytest.approx(values.std(ddof=1) / len(values) ** 0.5)
+    assert report["fp32_errors"][0] == pytest.approx(1 - values.mean(), abs=1e-6)  # the base's cross-entropy
+    with pytest.warns(UserWarning, match=r"nll difference\| [0-9.]+ nats"):
+        check_fidelity(env, policies=2, tolerance=0.0)
+
+
 def test_the_fidelity_gate_ignores_swaps_of_policies_tied_at_the_rewards_resolution():
     """A VGG-16 search's check (5,000 reward-val images): bf16 swapped two policies that fp32 puts
     2 images apart, well inside the allowed 0.11 points; a swap of two policies further apart fails."""
     fp32 = [0.0782, 0.1178, 0.0982, 0.1198, 0.0932, 0.1174]
     bf16 = [0.0782, 0.1182, 0.0976, 0.1210, 0.0934, 0.1186]
-    passed = compare(bf16, fp32, images=5000, tolerance=0.25)
+    se = (np.mean(fp32) * (1 - np.mean(fp32)) / 5000) ** 0.5  # binomial, 5,000 images
+    passed = compare(bf16, fp32, se, tolerance=0.25)
     assert passed["spearman"] < 0.95 and passed["reordered_pairs"] == 0 and passed["passed"]
     swapped = [0.0782, 0.1182, 0.0976, 0.1160, 0.0934, 0.1186]  # 0.1198 scored below 0.1178 and 0.1174
-    failed = compare(swapped, fp32, images=5000, tolerance=0.25)
+    failed = compare(swapped, fp32, se, tolerance=0.25)
     assert failed["reordered_pairs"] == 2 and failed["mean_abs_diff"] < failed["allowed_mean_abs_diff"]
     assert not failed["passed"]
 
