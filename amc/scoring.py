@@ -4,7 +4,8 @@ data is held in memory, so the same policy always gets the same reward and no da
 happens inside an episode.
 
 The error is 1 - top-1 (or top-5) accuracy, the mean cross-entropy for ``nll``, or
-1 - ``evaluate(model, batches)`` for a user's metric (higher is better): the resource protocol's reward ``-error`` is then ``metric - 1``.
+1 - ``evaluate(model, batches)`` for a user's metric (higher is better): the resource
+protocol's reward ``-error`` is then ``metric - 1``.
 A user's metric runs the user's code as written (fp32): the fast path serves top-k accuracy.
 Fake-quantized models (``fold=False``) have their BatchNorms folded already; their rounding runs
 in the reduced precision too, which the fidelity check measures like any other."""
