@@ -224,7 +224,7 @@ class Workspace:
         return model
 
     def metric(self, model: nn.Module, batches: Iterable) -> float:
-        """What the run maximises on held-out data: top-1 (or top-5) accuracy, or ``evaluate``'s value."""
+        """What the run maximises on held-out data: ``metric_value`` of the reward metric, or ``evaluate``'s value."""
         if self.evaluate is None:
             return metric_value(fp32_accuracy(model, batches), self.cfg.search.reward_metric)
         with torch.no_grad():

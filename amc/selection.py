@@ -55,7 +55,7 @@ class Candidate:
     keep: list[int]
     episode: int | None = None
     reward: float | None = None  # the reward as the search scores it (the rules are scored the same way)
-    select_metric: float | None = None  # top-1 (or top-5) accuracy, or the user's metric, on the selection split
+    select_metric: float | None = None  # the run's metric (metric_value, or the user's) on the selection split
     score: float | None = None  # what selection ranks: the protocol's reward on the selection split
 
 
