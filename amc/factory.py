@@ -241,7 +241,7 @@ class Workspace:
 
     @property
     def metric_name(self) -> str:
-        """``top1`` / ``top5``, or ``evaluate`` for a given metric."""
+        """``top1`` / ``top5`` / ``nll``, or ``evaluate`` for a given metric."""
         return self.cfg.search.reward_metric if self.evaluate is None else "evaluate"
 
     def split_metrics(self, model: nn.Module, split: str) -> dict[str, float]:

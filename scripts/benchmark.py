@@ -127,53 +127,53 @@ def policy_for(method: str, cfg, workspace: Workspace) -> tuple[list[int], dict]
         "answer_source": answer["source"], "episodes": len(rows), "search_seconds": time.perf_counter() - started,
         "seconds_per_episode": seconds / len(rows), "eval_share": sum(r["eval_seconds"] for r in rows) / seconds,
         "scoring_share": sum(r["eval_seconds"] + r["calibrate_seconds"] for r in rows) / seconds,
-        "reward_noise": answer["noise"], **search_diagnostics(answer, rows), **top_k_on_test(answer, workspace)}
+        "reward_noise": answer["noise"], **search_diagnostics(answer, rows), **top_k_top1(answer, workspace)}
 
 
 def search_diagnostics(answer: dict, rows: list[dict]) -> dict:
     """Why the answer is what it is: the search's best reward against the rules' rewards (scored as
     the search scores episodes), and the best searched candidate's lead over the best rule on the
-    selection split (with the paired standard error the margin compared it to, where it led).
-
-    ``select_top_k_mean`` is the mean selection-split score of the search's top-K distinct
-    policies: how good the policies a search finds are on images it never scored. Unlike the
-    answer (a maximum of K noisy scores) it averages the noise away, so it tells two searches
-    apart with fewer seeds. ``select_search_mean`` is the score of their mean policy."""
+    selection split (with the paired standard error the margin compared it to, where it led). These
+    are in the run's reward metric (``metric``: top-1 points, or nats of cross-entropy for nll)."""
     candidates = answer["selection"]["candidates"]
     rules = [c for c in candidates if is_rule(c)]
-    searched = [c["select_metric"] for c in candidates if c["source"] == "search"]
-    mean = [c["select_metric"] for c in candidates if c["source"] == SEARCH_MEAN]
+    searched = [c["select_metric"] for c in candidates if c["source"] in ("search", SEARCH_MEAN)]
     best_rule = max(rules, key=lambda c: c["select_metric"])
     margin = answer["selection"].get("margin", {})
-    return {"best_reward": max(r["reward"] for r in rows),
+    return {"metric": answer["selection"].get("metric", "top1"), "best_reward": max(r["reward"] for r in rows),
             "rule_rewards": {c["source"]: c["reward"] for c in rules},
-            "select_lead": max(searched + mean) - best_rule["select_metric"],
-            "select_lead_se": margin.get("paired_se"),
-            "select_top_k_mean": statistics.mean(searched), "select_top_k": len(searched),
-            "select_search_mean": mean[0] if mean else None}
+            "select_lead": max(searched) - best_rule["select_metric"], "select_lead_se": margin.get("paired_se"),
+            "select_top_k": sum(c["source"] == "search" for c in candidates)}
 
 
-def top_k_on_test(answer: dict, workspace: Workspace) -> dict:
-    """``test_top_k_mean``: the search's top-K policies (its candidates in the selection step), each
-    exported as export does and measured on test. The answer is one of K policies the selection
-    split cannot tell apart; their mean is what the search finds on unseen images with the luck of
-    which one was returned averaged away, so it compares two searches with less noise.
-    ``test_top_k`` holds each one's score (best reward first) and ``test_search_mean`` their mean
-    policy's. Reported only: nothing is chosen on test."""
-    def on_test(keep: list[int]) -> float:
-        return measure(prune_policy(workspace, keep)[0], workspace, splits=("test",))["test_top1"]
+def top_k_top1(answer: dict, workspace: Workspace) -> dict:
+    """The search's top-K policies (its candidates in the selection step), each exported as export
+    does and measured in top-1 on the selection split and on test, whatever the reward metric.
+
+    ``select_top_k_mean`` / ``test_top_k_mean`` are their means: the answer is one of K policies
+    the selection split cannot tell apart; their mean is what the search finds on unseen images
+    with the luck of which one was returned averaged away, so it compares two searches with
+    fewer seeds. ``test_top_k`` holds each one's test score (best reward first),
+    ``select_search_mean`` / ``test_search_mean`` their mean policy's. Reported only: nothing is
+    chosen on test."""
+    split = answer["selection"]["split"]  # reward-val for a run without a selection split
+
+    def top1(keep: list[int]) -> tuple[float, float]:
+        scores = measure(prune_policy(workspace, keep)[0], workspace, splits=(split, "test"))
+        return scores[f"{split}_top1"], scores["test_top1"]
 
     candidates = answer["selection"]["candidates"]
-    scores = [on_test(c["keep"]) for c in candidates if c["source"] == "search"]
-    mean = [on_test(c["keep"]) for c in candidates if c["source"] == SEARCH_MEAN]
-    return {"test_top_k_mean": statistics.mean(scores), "test_top_k": scores,
-            "test_search_mean": mean[0] if mean else None}
+    scores = [top1(c["keep"]) for c in candidates if c["source"] == "search"]
+    mean = [top1(c["keep"]) for c in candidates if c["source"] == SEARCH_MEAN]
+    return {"select_top_k_mean": statistics.mean(s for s, _ in scores),
+            "test_top_k_mean": statistics.mean(t for _, t in scores), "test_top_k": [t for _, t in scores],
+            "select_search_mean": mean[0][0] if mean else None, "test_search_mean": mean[0][1] if mean else None}
 
 
 def refresh_diagnostics(out: Path) -> None:
     """Re-derive the searched records' diagnostics from their run folders (where they are still
     there), so a results file written before a diagnostic existed gains it without new searches
-    (``test_top_k_mean`` where missing: K exports, with the run's own config, made before the
+    (the top-K's top-1 where missing: 2K measurements, with the run's own config, made before the
     results file is locked so that benchmarks sharing it are not held up)."""
     def key(record: dict) -> tuple:
         return record["method"], record["target"], record["seed"]
@@ -183,7 +183,8 @@ def refresh_diagnostics(out: Path) -> None:
         if record["method"] not in SEARCHED or not (run_dir / "best_policy.json").is_file():
             return record
         answer = json.loads((run_dir / "best_policy.json").read_text())
-        measured = {} if "test_top_k_mean" in record else top_k_on_test(answer, Workspace(load_run_config(run_dir)))
+        measured = ({} if {"select_top_k_mean", "test_top_k_mean"} <= set(record)
+                    else top_k_top1(answer, Workspace(load_run_config(run_dir))))
         return {**record, **search_diagnostics(answer, read_episodes(run_dir)), **measured}
 
     fresh = {key(r): refreshed(r) for r in read_records(out / "results.json")}
@@ -269,23 +270,34 @@ def summarize(records: list[dict]) -> str:
     return results + diagnostics_table(groups) + versus_random_table(groups)
 
 
+def reward_units(records: list[dict]) -> tuple[float, int, str]:
+    """How the reward-metric diagnostics of searched ``records`` print: (factor, digits, unit),
+    points of top-1 / top-5, or nats of cross-entropy for nll."""
+    metrics = {r.get("metric", "top1") for r in records}  # records from before it was kept ran top-1
+    if len(metrics) > 1:
+        raise UserError(f"the searches recorded here use different reward metrics ({', '.join(sorted(metrics))}); "
+                        "give each metric its own --out", field="search.reward_metric")
+    return (1.0, 4, "nats") if metrics == {"nll"} else (100.0, 2, "points")
+
+
 def diagnostics_table(groups: dict[tuple, list[dict]]) -> str:
     """Searched methods: best reward against the rules' (the search's own objective), and the lead
-    over the best rule on the selection split that the margin judged (points)."""
+    over the best rule on the selection split that the margin judged (in the reward metric's units)."""
     rows = []
     for (target, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
         rs = [r for r in rs if "best_reward" in r]
         if method not in SEARCHED or not rs:
             continue
+        factor, digits, unit = reward_units(rs)
         rule_rewards = {rule: statistics.mean(r["rule_rewards"][rule] for r in rs) for rule in rs[0]["rule_rewards"]}
         rows.append([method, f"{target:.4g}", stat([r["best_reward"] for r in rs], 4),
                      " ".join(f"{k} {v:.4f}" for k, v in rule_rewards.items()),
-                     stat([100 * r["select_lead"] for r in rs]),
-                     stat([100 * r["select_lead_se"] for r in rs if r["select_lead_se"] is not None]),
+                     f"{stat([factor * r['select_lead'] for r in rs], digits)} {unit}",
+                     stat([factor * r["select_lead_se"] for r in rs if r["select_lead_se"] is not None], digits),
                      f"{sum(r.get('answer_source') in ('search', SEARCH_MEAN) for r in rs)}/{len(rs)}"])
     if not rows:
         return ""
-    return "\n\n" + table(["method", "target", "best reward", "rules' rewards", "select lead over best rule (points)",
+    return "\n\n" + table(["method", "target", "best reward", "rules' rewards", "select lead over best rule",
                             "its paired SE", "answers from search"], rows, markdown=True)
 
 
@@ -313,7 +325,8 @@ def mean_interval(diffs: list[float], suffix: str = "", digits: int = 2) -> str:
 
 def versus_random_table(groups: dict[tuple, list[dict]]) -> str:
     """AMC minus random search, paired by seed (the same seed walks the same warmup policies), with
-    95% intervals: does the agent find more than the same number of random episodes?"""
+    95% intervals: does the agent find more than the same number of random episodes? The best
+    reward in its metric's units, every other column in points of top-1."""
     rows = []
     for target in sorted({t for t, _ in groups}, reverse=True):
         amc = {r["seed"]: r for r in groups.get((target, "amc"), [])}
@@ -321,22 +334,24 @@ def versus_random_table(groups: dict[tuple, list[dict]]) -> str:
         seeds = sorted(set(amc) & set(rand))
         if not seeds:
             continue
+        factor, digits, unit = reward_units([amc[s] for s in seeds] + [rand[s] for s in seeds])
         tuned = [s for s in seeds if amc[s]["finetune_epochs"] and rand[s]["finetune_epochs"]]
         rows.append([f"{target:.4g}", " ".join(map(str, seeds)),
+                     f"{mean_interval(point_differences(amc, rand, 'best_reward', seeds, factor), digits=digits)} {unit}",
                      *(mean_interval(point_differences(amc, rand, key, seeds)) for key in
-                       ("best_reward", "select_top_k_mean", "test_top_k_mean", "select_top1_before_ft",
-                        "test_top1_before_ft")),
+                       ("select_top_k_mean", "test_top_k_mean", "select_top1_before_ft", "test_top1_before_ft")),
                      mean_interval(point_differences(amc, rand, "test_top1_after_ft", tuned))])
     if not rows:
         return ""
-    return "\n\n" + table(["target", "seeds", "AMC - random: best reward (points)", "top-K mean select top-1",
+    return "\n\n" + table(["target", "seeds", "AMC - random: best reward", "top-K mean select top-1",
                             "top-K mean test top-1", "select top-1", "test before FT", "test after FT"], rows,
                            markdown=True)
 
 
-def point_differences(a: dict[int, dict], b: dict[int, dict], key: str, seeds: list[int]) -> list[float]:
-    """Per seed, ``a``'s value of ``key`` minus ``b``'s, in points (x100)."""
-    return [100 * (a[s][key] - b[s][key]) for s in seeds if key in a[s] and key in b[s]]
+def point_differences(a: dict[int, dict], b: dict[int, dict], key: str, seeds: list[int],
+                      factor: float = 100.0) -> list[float]:
+    """Per seed, ``a``'s value of ``key`` minus ``b``'s, times ``factor`` (points by default)."""
+    return [factor * (a[s][key] - b[s][key]) for s in seeds if key in a[s] and key in b[s]]
 
 
 def recorded(path: Path) -> set[tuple]:
@@ -387,15 +402,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refresh", action="store_true",
                    help="re-derive the recorded searches' diagnostics from OUT/runs before the table")
     args = p.parse_args(argv)
-
-    try:  # bases first: every job of a seed needs its base, and two jobs must not both train it
-        for base in run_jobs(prepare_base, [(args, seed) for seed in args.seeds if args.vary_base],
-                             args.backend, args.workers, args.threads, args.ray_address):
-            if base is not None:
-                print(json.dumps({"base": base}), flush=True)
-    except UserError as exc:
+    try:
+        return run_benchmark(args)
+    except UserError as exc:  # a user's mistake: one line, and the records written so far stay
         print(f"benchmark: {exc}", file=sys.stderr)
         return 2
+
+
+def run_benchmark(args) -> int:
+    """Bases first (every job of a seed needs its base, and two jobs must not both train it), then
+    the jobs not yet recorded; a finished job's record is already in results.json, so a rerun
+    resumes after the one that failed. Then the tables."""
+    for base in run_jobs(prepare_base, [(args, seed) for seed in args.seeds if args.vary_base],
+                         args.backend, args.workers, args.threads, args.ray_address):
+        if base is not None:
+            print(json.dumps({"base": base}), flush=True)
     results_path = args.out / "results.json"
     args.out.mkdir(parents=True, exist_ok=True)
     if args.refresh:
@@ -405,13 +426,9 @@ def main(argv: list[str] | None = None) -> int:
             # rules are deterministic on one base: once, or on every seed's base
             for seed in (args.seeds if method in SEARCHED or args.vary_base else args.seeds[:1])
             if (method, target, seed) not in done]
-    try:  # a finished job's record is already in results.json: a rerun resumes after the one that failed
-        for record in run_jobs(run_job, jobs, args.backend, args.workers, args.threads, args.ray_address):
-            if record is not None:
-                print(json.dumps({k: v for k, v in record.items() if k != "keep"}), flush=True)
-    except UserError as exc:
-        print(f"benchmark: {exc}", file=sys.stderr)
-        return 2
+    for record in run_jobs(run_job, jobs, args.backend, args.workers, args.threads, args.ray_address):
+        if record is not None:
+            print(json.dumps({k: v for k, v in record.items() if k != "keep"}), flush=True)
     markdown = summarize(read_records(results_path))
     atomic_write_text(args.out / "results.md", markdown + "\n")
     print(markdown)

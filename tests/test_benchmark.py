@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from amc.checkpoint import BASE_FORMAT, load_checkpoint, load_model
-from amc.metrics import count_macs
-from amc.search import read_episodes
+from amc.export import prune_policy
+from amc.factory import Workspace
+from amc.metrics import accuracy, count_macs
+from amc.search import load_run_config, read_episodes
 from conftest import ROOT, write_config
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -105,6 +107,31 @@ def markdown_tables(out: str) -> list[list[list[str]]]:
     """The markdown tables printed in ``out``, each as its rows of stripped cells (header first)."""
     return [[[cell.strip() for cell in line.split("|")[1:-1]] for line in block.splitlines() if line.startswith("| ")]
             for block in out.split("\n\n") if block.startswith("| ")]
+
+
+def test_an_nll_benchmark_reports_the_top_k_in_top1_and_its_reward_diagnostics_in_nats(demo_raw, tmp_path, capsys):
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    out = tmp_path / "bench"
+    (record,) = run(config, out, "--seeds", "0", "--methods", "amc", "--finetune-epochs", "0",
+                    "--set", "search.reward_metric=nll")
+    run_dir = out / "runs" / "amc_t0.5_s0"
+    candidates = json.loads((run_dir / "best_policy.json").read_text())["selection"]["candidates"]
+    searched = [c for c in candidates if c["source"] == "search"]
+    workspace = Workspace(load_run_config(run_dir))
+    top1 = [accuracy(prune_policy(workspace, c["keep"])[0], workspace.loader("select"))["top1"] for c in searched]
+    assert record["metric"] == "nll" and record["select_top_k_mean"] == pytest.approx(np.mean(top1))
+    assert record["select_top_k_mean"] != pytest.approx(np.mean([c["select_metric"] for c in searched]))  # 1 - CE
+    lead = (max(c["select_metric"] for c in candidates if c["source"] in ("search", "search_mean"))
+            - max(c["select_metric"] for c in candidates if c["source"] in ("uniform", "global")))
+    assert record["select_lead"] == pytest.approx(lead)
+    diagnostics = markdown_tables((out / "results.md").read_text())[1]
+    assert diagnostics[1][4] == f"{lead:.4f} nats"  # one search: the lead alone, in nats of cross-entropy
+
+    capsys.readouterr()  # a top-1 search beside it would mix units in one table: refused in one line
+    assert benchmark.main(["--config", str(config), "--targets", "0.5", "--episodes", "3", "--seeds", "0",
+                           "--methods", "random", "--finetune-epochs", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "different reward metrics (nll, top1)" in err
 
 
 def test_rescore_measures_the_best_episodes_on_test(demo_raw, tmp_path, capsys):
