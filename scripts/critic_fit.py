@@ -1,4 +1,4 @@
-"""Does a search's critic rank policies it was not trained on, and would standardised rewards help?
+"""Does a search's critic rank policies it was not trained on, and would standardised rewards or a richer state help?
 
 AMC's critic regresses each step's (state, action) on its episode's final reward, and the
 actor climbs the critic's gradient, so the search can only be as good as the critic's ranking.
@@ -7,8 +7,11 @@ a fifth of the buffer's episodes, trains a fresh critic as the agent does (its h
 critic learning rate and batch size, one gradient step per stored transition) on the rest, and
 prints the correlation between each held-out episode's reward and its mean critic value over
 the episode's steps. It does so with the rewards as the agent sees them (minus their mean;
-spreads of a few tenths of a point) and standardised (divided by their standard deviation), the
-fix one would make if the critic's optimiser could not resolve so small a spread.
+spreads of a few tenths of a point); standardised (divided by their standard deviation), the
+fix one would make if the critic's optimiser could not resolve so small a spread; and with each
+step's state extended by the episode's earlier actions (zeros for the units not yet walked), the
+state feature one would add if the final reward hung on which earlier units were cut, which the
+paper's state summarises only as the cost removed so far and the previous action.
 
     python scripts/critic_fit.py RUN [RUN ...] [--splits 5]
 
@@ -31,7 +34,14 @@ from amc.report import table
 from amc.search import AGENT_FILE, load_run_config
 
 
-def held_out_correlation(obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, steps: int,
+def earlier_actions(actions: torch.Tensor, steps: int) -> torch.Tensor:
+    """(rows, steps): row t of each episode holds that episode's actions at units 0..t-1, zeros after."""
+    per_episode = actions.view(-1, steps)
+    before = torch.ones(steps, steps).tril(-1)  # before[t, u] = 1 where u < t
+    return (per_episode[:, None, :] * before).reshape(-1, steps)
+
+
+def held_out_correlation(states: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, steps: int,
                          hidden: list[int], lr: float, batch_size: int, standardise: bool, seed: int) -> float:
     """Train a critic on 4/5 of the episodes; corr(held-out episode reward, its mean Q over steps)."""
     gen = torch.Generator().manual_seed(seed)
@@ -42,11 +52,11 @@ def held_out_correlation(obs: torch.Tensor, actions: torch.Tensor, rewards: torc
     if standardise:
         target = target / rewards[train].std()
     torch.manual_seed(seed)
-    sizes = [obs.shape[1] + actions.shape[1], *hidden]
+    sizes = [states.shape[1] + actions.shape[1], *hidden]
     critic = nn.Sequential(*(m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b), nn.ReLU())),
                            nn.Linear(sizes[-1], 1))
     opt = torch.optim.Adam(critic.parameters(), lr)
-    inputs = torch.cat([obs, actions], 1)
+    inputs = torch.cat([states, actions], 1)
     for _ in range(len(train)):
         batch = train[torch.randint(len(train), (batch_size,), generator=gen)]
         loss = ((critic(inputs[batch]).squeeze(-1) - target[batch]) ** 2).mean()
@@ -79,13 +89,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         cells = [run_dir.name, str(len(per_episode)), f"{100 * per_episode.std():.2f}"]
-        for standardise in (False, True):
-            corr = [held_out_correlation(obs, actions, rewards, steps, cfg.agent.hidden, cfg.agent.critic_lr,
+        with_history = torch.cat([obs, earlier_actions(actions, steps)], 1)
+        for states, standardise in ((obs, False), (obs, True), (with_history, False)):
+            corr = [held_out_correlation(states, actions, rewards, steps, cfg.agent.hidden, cfg.agent.critic_lr,
                                          cfg.agent.batch_size, standardise, seed) for seed in range(args.splits)]
             cells.append(f"{np.mean(corr):.2f} ± {np.std(corr):.2f}")
         rows.append(cells)
     print(table(["run", "buffer episodes", "reward sd (points)", "held-out corr, rewards as the agent sees them",
-                 "held-out corr, standardised"], rows, markdown=True))
+                 "held-out corr, standardised", "held-out corr, state + earlier actions"], rows, markdown=True))
     return 0
 
 

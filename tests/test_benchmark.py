@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from amc.checkpoint import BASE_FORMAT, load_checkpoint, load_model
 from amc.export import prune_policy
@@ -233,9 +234,13 @@ def test_critic_fit_trains_critics_on_the_saved_buffer_of_the_last_episodes(demo
               if line.startswith("| amc")]
     last = [e["reward"] for e in read_episodes(run_dir)][-10:]  # the buffer keeps the last 10 episodes
     assert row[1] == "10" and float(row[2]) == pytest.approx(100 * float(np.std(last, ddof=1)), abs=0.006)
+    assert len(row) == 6  # as the agent sees them, standardised, with the earlier actions in the state
     for cell in row[3:]:
         mean, sd = (float(v) for v in cell.split(" ± "))
         assert -1 <= mean <= 1 and sd >= 0
+    two_episodes = torch.arange(1.0, 7.0).view(-1, 1)  # three units each, one action per row
+    assert critic_fit.earlier_actions(two_episodes, 3).tolist() == [
+        [0, 0, 0], [1, 0, 0], [1, 2, 0], [0, 0, 0], [4, 0, 0], [4, 5, 0]]
 
     short = tmp_path / "short"
     assert benchmark.main(["--config", str(config), "--targets", "0.5", "--episodes", "5", "--seeds", "0",
