@@ -152,6 +152,9 @@ class SearchConfig(Section):
     prune_residual: bool = False
     fill_budget: bool = Field(True, description=(
         "resource protocol: after the last unit, spread unused budget over the units (false: AMC's clipping only)"))
+    state_history: bool = Field(False, description=(
+        "append every earlier step's value (0 for the steps not yet taken) to the paper's 11 state features, "
+        "so the agent sees which units were cut, not only how much cost was removed"))
     calibration: Literal["bn", "lsq", "both", "none"] = "bn"
     calib_batches: int = Field(16, ge=0)
     reconstruct_samples: int = Field(

@@ -344,7 +344,7 @@ class Workspace:
         s = self.cfg.search
         model = self.base_model
         return PruningEnv(model, self.base_space, self.scorer(model), s.protocol, s.target, s.lbound, s.rbound,
-                          s.fill_budget)
+                          s.fill_budget, s.state_history)
 
 
 def calibration_batches(workspace: Workspace, count: int | None = None, seed: int | None = None) -> list[torch.Tensor]:

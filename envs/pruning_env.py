@@ -24,7 +24,7 @@ from torch import nn
 
 from amc.budget import fill_budget, largest_feasible, max_keep, nearest_allowed
 from amc.envs.rewards import REWARDS
-from amc.envs.state import FEATURES, observation, static_features
+from amc.envs.state import FEATURES, history_features, observation, static_features
 from amc.errors import UserError
 from amc.graph import COUPLED, PrunableGraph
 from amc.scoring import Scorer
@@ -37,6 +37,7 @@ class PruningEnv(gym.Env):
     def __init__(
         self, model: nn.Module, space: Space, scorer: Scorer, protocol: str = "resource",
         target: float = 0.5, lbound: float = 0.2, rbound: float = 1.0, fill: bool = True,
+        state_history: bool = False,
     ):
         if protocol not in REWARDS:
             raise ValueError(f"protocol must be one of {sorted(REWARDS)}, got {protocol!r}")
@@ -68,7 +69,8 @@ class PruningEnv(gym.Env):
                     f"target {target:g} is below what {bounds} allows; the smallest "
                     f"reachable target is {math.ceil(reachable * 1e4) / 1e4:g}{_left_whole(space)}",
                     field="search.target")
-        self.features = FEATURES + tuple(space.step_flags)
+        self.state_history = state_history
+        self.features = FEATURES + tuple(space.step_flags) + (history_features(self.num_units) if state_history else ())
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(len(self.features),), dtype=np.float32)
         self.action_space = gym.spaces.Box(0.0, 1.0, shape=(1,), dtype=np.float32)
         self.keep: list[int] = []
@@ -82,8 +84,13 @@ class PruningEnv(gym.Env):
         rest = self.space.sizes[len(self.keep):]
         reduced = 1.0 - self.space.cost([*self.keep, *rest]) / self.full_cost
         later = sum(self.space.unit_costs[t + 1:]) / self.total_unit_cost
-        a_prev = self.choices[len(self.keep) - 1].state(self.keep[-1]) if self.keep else 1.0
-        return observation(self.static, t, reduced, later, a_prev, self.flags[t])
+        walked = [choice.state(value) for choice, value in zip(self.choices, self.keep)]
+        a_prev = walked[-1] if walked else 1.0
+        history = None
+        if self.state_history:
+            history = np.zeros(self.num_units, dtype=np.float32)
+            history[:len(walked)] = walked
+        return observation(self.static, t, reduced, later, a_prev, self.flags[t], history)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)

@@ -4,7 +4,10 @@
 [0, 1]; ``reduced`` (cost removed so far / total), ``rest`` (cost of the units after t / total)
 and ``a_{t-1}`` (the previous unit's preserve ratio, 1 before the first) change per step.
 A space may append per-step flags after these (the bit-width spaces: weight or activation
-step, depthwise, pruning step), so the state's length depends on the mode.
+step, depthwise, pruning step), so the state's length depends on the mode. With
+``search.state_history`` the state also carries every earlier step's value (``a_0 .. a_{t-1}``
+in the units' order, zeros for the steps not yet taken): the paper's state summarises the
+earlier steps only as ``reduced`` and ``a_{t-1}``, which cannot tell which units were cut.
 """
 
 from __future__ import annotations
@@ -30,9 +33,14 @@ def static_features(layers: Sequence[LayerInfo], unit_costs: Sequence[float]) ->
     return ((raw - low) / span).astype(np.float32)
 
 
+def history_features(units: int) -> tuple[str, ...]:
+    return tuple(f"a_{u}" for u in range(units))
+
+
 def observation(static: np.ndarray, t: int, reduced: float, rest: float, a_prev: float,
-                flags: np.ndarray | None = None) -> np.ndarray:
+                flags: np.ndarray | None = None, history: np.ndarray | None = None) -> np.ndarray:
     parts = [static[t], np.array([reduced, rest, a_prev], dtype=np.float32)]
-    if flags is not None:
-        parts.append(flags)
+    for extra in (flags, history):
+        if extra is not None:
+            parts.append(np.asarray(extra, dtype=np.float32))
     return np.concatenate(parts).clip(0.0, 1.0)

@@ -104,6 +104,23 @@ def test_observation_rewards_and_info_along_an_episode(demo_raw, tmp_path):
     print("error", info["error"], "ratios", info["ratios"], "macs_ratio", info["macs_ratio"])
 
 
+def test_state_history_carries_every_earlier_value_after_the_papers_features(demo_raw, tmp_path):
+    paper = env_with(demo_raw, tmp_path, "paper", fill_budget=False)
+    env = env_with(demo_raw, tmp_path, "history", fill_budget=False, state_history=True)
+    n = env.num_units
+    assert env.features == FEATURES + tuple(f"a_{u}" for u in range(n)) and env.observation_space.shape == (11 + n,)
+    check_env(env, skip_render_check=True)
+    actions = [0.9, 0.1, 0.6, 0.3]
+    observations, _, info = run_episode(env, actions)
+    paper_observations, _, paper_info = run_episode(paper, actions)
+    assert info["keep"] == paper_info["keep"]
+    ratios = np.array(info["keep"]) / np.array(env.space.sizes)
+    for t, (obs, paper_obs) in enumerate(zip(observations, paper_observations)):
+        np.testing.assert_array_equal(obs[:11], paper_obs)  # the paper's features are untouched
+        np.testing.assert_allclose(obs[11:11 + t], ratios[:t], rtol=1e-6)  # what was cut before t
+        assert not obs[11 + t:].any()  # nothing yet for t and the units after it
+
+
 def test_unused_budget_is_spread_over_the_units(demo_raw, tmp_path):
     clipped_only = env_with(demo_raw, tmp_path, "clip", fill_budget=False)
     filled = env_with(demo_raw, tmp_path, "fill")

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import yaml
 
+from amc.checkpoint import AGENT_FORMAT, load_checkpoint
 from amc.config import RECONSTRUCT_RIDGE, config_from_dict
 from amc.errors import UserError
-from amc.search import load_run_config, search
+from amc.search import AGENT_FILE, load_run_config, search
 from conftest import ROOT, write_config
 
 
@@ -274,6 +275,26 @@ def test_amc_run_on_an_existing_run_refuses_a_changed_config(demo_raw, tmp_path,
     assert (run_dir / "config.yaml").read_text() == saved and len(rows(run_dir)) == 4
     assert main(["run", str(config), "--episodes", "5"]) == 0  # more episodes: the run continues
     assert len(rows(run_dir)) == 5
+
+
+def test_a_search_with_the_state_history_learns_from_the_longer_state(demo_cfg, tmp_path):
+    def run(name: str, state_history: bool) -> tuple[list[dict], dict]:
+        search_cfg = demo_cfg.search.model_copy(update={"episodes": demo_cfg.agent.warmup_episodes + 3,
+                                                         "state_history": state_history})
+        search(demo_cfg.model_copy(update={"search": search_cfg}), tmp_path / name, progress=False)
+        return rows(tmp_path / name), load_checkpoint(tmp_path / name / AGENT_FILE, AGENT_FORMAT)
+
+    paper, paper_state = run("paper", False)
+    history, history_state = run("history", True)
+    units = len(history_state["best"]["units"])
+    buffer = history_state["agent"]["buffer"]["observations"]
+    assert buffer.shape[-1] == 11 + units and paper_state["agent"]["buffer"]["observations"].shape[-1] == 11
+    actor_inputs = [w.shape[1] for k, w in history_state["agent"]["policy"].items() if k.endswith("0.weight")]
+    assert set(actor_inputs) == {11 + units, 11 + units + 1}  # actors; critics also take the action
+    warmup = demo_cfg.agent.warmup_episodes
+    policy = [k for k in history[0] if k not in ("episode", "reward", "error", "sigma") and "ratio" not in k]
+    assert [[r[k] for k in policy] for r in history[:warmup]] == [[r[k] for k in policy] for r in paper[:warmup]]
+    assert [[r[k] for k in policy] for r in history[warmup:]] != [[r[k] for k in policy] for r in paper[warmup:]]
 
 
 def test_resume_refuses_a_changed_config(demo_cfg, tmp_path):
