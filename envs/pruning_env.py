@@ -84,13 +84,15 @@ class PruningEnv(gym.Env):
         rest = self.space.sizes[len(self.keep):]
         reduced = 1.0 - self.space.cost([*self.keep, *rest]) / self.full_cost
         later = sum(self.space.unit_costs[t + 1:]) / self.total_unit_cost
-        walked = [choice.state(value) for choice, value in zip(self.choices, self.keep)]
-        a_prev = walked[-1] if walked else 1.0
-        history = None
-        if self.state_history:
-            history = np.zeros(self.num_units, dtype=np.float32)
-            history[:len(walked)] = walked
+        a_prev = self.choices[len(self.keep) - 1].state(self.keep[-1]) if self.keep else 1.0
+        history = self._history() if self.state_history else None
         return observation(self.static, t, reduced, later, a_prev, self.flags[t], history)
+
+    def _history(self) -> np.ndarray:
+        """Every earlier step's value in [0, 1], zeros for the steps not yet taken."""
+        history = np.zeros(self.num_units, dtype=np.float32)
+        history[:len(self.keep)] = [choice.state(value) for choice, value in zip(self.choices, self.keep)]
+        return history
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
