@@ -64,25 +64,31 @@ def cached_batches(dataset, batch_size: int, limit: int | None = None,
 
 
 def _check_split(path: Path, recorded: dict[str, Any] | None, cfg: Config) -> None:
-    """Refuse a base model trained on another held-out split than the config's.
+    """Refuse a base model that may have trained on one of the config's held-out images.
 
-    Its reward-val images would partly be images it was trained on, so every reward would be
-    flattered by an unknown amount. A checkpoint from before the split was recorded loads with
-    a warning.
+    Its rewards would be flattered by an unknown amount. The held-out images are the head of
+    one seeded permutation (reward-val first, then selection), so a config on the same
+    permutation whose reward-val + selection images number at most the base's holds out a
+    subset of the images the base never saw: the pool may be divided anew without retraining.
+    A checkpoint from before the split was recorded loads with a warning.
     """
     wanted = split_signature(cfg.data, cfg.seed)
     if recorded is None:
         warnings.warn(f"{path}: no record of the split it was trained on (written by an older amc), so it cannot "
                       f"be checked against the config's; `amc train {cfg.source}` records it", stacklevel=4)
         return
-    differ = [k for k in {**recorded, **wanted} if recorded.get(k) != wanted.get(k)]
-    if not differ:
+    sizes = ("reward_val_size", "select_size")
+    held = lambda signature: sum(signature.get(k, 0) for k in sizes)  # noqa: E731
+    differ = [k for k in {**recorded, **wanted} if k not in sizes and recorded.get(k) != wanted.get(k)]
+    if not differ and held(wanted) <= held(recorded):
         return
-    keys = ["dataset"] + [k for k in differ if k != "dataset"]
-    show = lambda signature: ", ".join(f"{k}={signature.get(k)}" for k in keys)  # noqa: E731
-    hint = " (agent.seed changes the search without moving the split)" if "seed" in differ else ""
+    keys = ["dataset"] + [k for k in differ if k != "dataset"] + ([] if differ else list(sizes))
+    show = lambda signature: ", ".join(f"{k}={signature.get(k, 0)}" for k in keys)  # noqa: E731
+    hint = (" (agent.seed changes the search without moving the split)" if "seed" in differ else
+            "" if differ else f" or hold out at most {held(recorded)} images in all")
     raise UserError(f"trained with the split {show(recorded)}; the config asks for {show(wanted)}, which holds out "
-                    f"other images; retrain (amc train {cfg.source}) or restore the setting{hint}", where=str(path))
+                    f"images the base trained on; retrain (amc train {cfg.source}) or restore the setting{hint}",
+                    where=str(path))
 
 
 @dataclass

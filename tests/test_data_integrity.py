@@ -36,7 +36,8 @@ def test_the_base_checkpoint_records_its_split(demo_raw) -> None:
 
 @pytest.mark.parametrize("setting, value, shown", [
     ("seed", 1, "seed=0; the config asks for dataset=digits, seed=1"),
-    ("reward_val_size", 400, "reward_val_size=300; the config asks for dataset=digits, reward_val_size=400"),
+    ("reward_val_size", 400, "reward_val_size=300, select_size=300; the config asks for dataset=digits, "
+                             "reward_val_size=400, select_size=300"),
 ])
 def test_a_base_model_trained_on_another_split_is_refused(demo_raw, setting, value, shown) -> None:
     """seed 1 on a seed-0 model: 238 of the 300 reward-val images would be training images."""
@@ -50,6 +51,21 @@ def test_a_base_model_trained_on_another_split_is_refused(demo_raw, setting, val
     assert message.startswith(f"{demo_raw['model']['checkpoint']}: trained with the split dataset=digits, ")
     assert shown in message and "retrain (amc train demo.yaml) or restore the setting" in message
     assert ("agent.seed" in message) == (setting == "seed") and "\n" not in message
+    assert ("hold out at most 600 images in all" in message) == (setting != "seed")
+
+
+@pytest.mark.parametrize("reward_val_size, select_size", [(450, 150), (600, 0), (200, 300)])
+def test_the_held_out_pool_may_be_divided_anew(demo_raw, reward_val_size, select_size) -> None:
+    """300 + 300 images held out of the base's training: any division of at most 600 of them
+    holds out only images it never saw, so the base loads as it is."""
+    held = lambda data: {int(i) for split in (data.reward_val, data.select) for i in split.indices}  # noqa: E731
+    base_held = held(Workspace(config_from_dict(demo_raw)).splits)
+    demo_raw["data"].update(reward_val_size=reward_val_size, select_size=select_size)
+    ws = Workspace(config_from_dict(demo_raw))
+    assert held(ws.splits) <= base_held and len(held(ws.splits)) == reward_val_size + select_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(ws.base_model, nn.Module)
 
 
 def test_the_cli_refuses_another_split_before_writing_anything(demo_raw, tmp_path, capsys) -> None:
