@@ -273,7 +273,8 @@ def answer_note(answer: dict) -> str:
                      f"{in_units(margin['paired_se'], metric)} (paired standard error)")
         if needed := images_to_separate(margin):
             lines.append(f"a lead this size would clear the margin on about {needed} selection images "
-                         f"(now {margin['images']}): raise data.select_size and retrain the base model with them held out")
+                         f"(now {margin['images']}): raise data.select_size (taken from reward-val, no retraining; "
+                         "beyond the base's held-out images, retrain it with them held out)")
     over_images = "" if noise["bootstrap_se"] is None else f"±{in_units(noise['bootstrap_se'], metric)} over images, "
     lines.append(f"reward noise: {over_images}±{in_units(noise['calibration_spread'], metric)} over calibration samples")
     if rewards := best_rewards(selection["candidates"]):
