@@ -84,10 +84,10 @@ def _check_split(path: Path, recorded: dict[str, Any] | None, cfg: Config) -> No
         return
     keys = ["dataset"] + [k for k in differ if k != "dataset"] + ([] if differ else list(sizes))
     show = lambda signature: ", ".join(f"{k}={signature.get(k, 0)}" for k in keys)  # noqa: E731
-    hint = (" (agent.seed changes the search without moving the split)" if "seed" in differ else
-            "" if differ else f" or hold out at most {held(recorded)} images in all")
+    fix = (f"hold out at most {held(recorded)} images in all" if not differ else
+           "restore the setting" + (" (agent.seed changes the search without moving the split)" if "seed" in differ else ""))
     raise UserError(f"trained with the split {show(recorded)}; the config asks for {show(wanted)}, which holds out "
-                    f"images the base trained on; retrain (amc train {cfg.source}) or restore the setting{hint}",
+                    f"images the base trained on; retrain (amc train {cfg.source}) or {fix}",
                     where=str(path))
 
 
