@@ -83,7 +83,7 @@ def _check_split(path: Path, recorded: dict[str, Any] | None, cfg: Config) -> No
     if not differ and held(wanted) <= held(recorded):
         return
     keys = ["dataset"] + [k for k in differ if k != "dataset"] + ([] if differ else list(sizes))
-    show = lambda signature: ", ".join(f"{k}={signature.get(k, 0)}" for k in keys)  # noqa: E731
+    show = lambda signature: ", ".join(f"{k}={signature.get(k, 0 if k in sizes else None)}" for k in keys)  # noqa: E731
     fix = (f"hold out at most {held(recorded)} images in all" if not differ else
            "restore the setting" + (" (agent.seed changes the search without moving the split)" if "seed" in differ else ""))
     raise UserError(f"trained with the split {show(recorded)}; the config asks for {show(wanted)}, which holds out "
