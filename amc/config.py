@@ -155,6 +155,11 @@ class SearchConfig(Section):
     state_history: bool = Field(False, description=(
         "append every earlier step's value (0 for the steps not yet taken) to the paper's 11 state features, "
         "so the agent sees which units were cut, not only how much cost was removed"))
+    anchor: Literal["none", "uniform", "global"] = Field("none", description=(
+        "resource protocol, channel / fine_grained: the middle action (0.5) picks this rule's value at the budget "
+        "and the action range spans anchor_spread octaves around it (within lbound..rbound), so the search, "
+        "warmup included, explores near the rule instead of anywhere (none: the paper's lbound..rbound range)"))
+    anchor_spread: float = Field(1.0, gt=0, description="octaves each way of an anchored action range (1: x0.5 to x2)")
     calibration: Literal["bn", "lsq", "both", "none"] = "bn"
     calib_batches: int = Field(16, ge=0)
     reconstruct_samples: int = Field(
@@ -204,6 +209,9 @@ class SearchConfig(Section):
             raise ValueError(f"min_bits ({self.min_bits}) must be <= max_bits ({self.max_bits})")
         if self.quantize_activations and not bits_mode:
             raise ValueError("quantize_activations needs mode: quantize or joint")
+        if self.anchor != "none" and (self.protocol != "resource" or bits_mode):
+            raise ValueError(f"anchor: {self.anchor} centres the walk on a rule's policy at the budget: "
+                             "it needs protocol: resource and mode: channel or fine_grained")
         return self
 
 

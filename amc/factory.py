@@ -349,8 +349,13 @@ class Workspace:
 
         s = self.cfg.search
         model = self.base_model
+        anchor = None
+        if s.anchor != "none":
+            from amc.baselines import baseline_policy
+
+            anchor = baseline_policy(self.cfg, s.anchor, self)
         return PruningEnv(model, self.base_space, self.scorer(model), s.protocol, s.target, s.lbound, s.rbound,
-                          s.fill_budget, s.state_history)
+                          s.fill_budget, s.state_history, anchor, s.anchor_spread)
 
 
 def calibration_batches(workspace: Workspace, count: int | None = None, seed: int | None = None) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ from torch import nn
 import numpy as np
 import torch
 
-from amc.budget import allowed_counts
+from amc.budget import allowed_counts, nearest_allowed
 from amc.calibration import reconstructable
 from amc.cost import CostModel
 from amc.graph import LayerInfo, PrunableGraph
@@ -56,6 +56,23 @@ class RatioChoice:
         return value / self.size
 
     state = ratio
+
+
+class AnchoredChoice:
+    """Another choice re-centred on a rule's value: action 0.5 picks ``anchor``, the ends its value
+    scaled by 2 ** -``spread`` and 2 ** ``spread``, snapped to the nearest allowed value within the
+    inner choice's bounds. The walk then explores around a policy known to fit the budget well
+    instead of anywhere in [lbound, rbound] (docs/benchmarks.md, session 16)."""
+
+    def __init__(self, inner: Choice, anchor: int, spread: float):
+        self.inner, self.anchor, self.spread = inner, anchor, spread
+        self.size, self.step, self.floor, self.ceiling = inner.size, inner.step, inner.floor, inner.ceiling
+        self.allowed, self.bound_text = inner.allowed, inner.bound_text
+        self.ratio, self.state = inner.ratio, inner.state
+
+    def pick(self, action: float) -> int:
+        wanted = self.anchor * 2.0 ** (self.spread * (2.0 * action - 1.0))
+        return nearest_allowed(wanted, self.allowed, self.floor, self.ceiling)
 
 
 class Space(Protocol):

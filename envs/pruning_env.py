@@ -28,7 +28,7 @@ from amc.envs.state import FEATURES, history_features, observation, static_featu
 from amc.errors import UserError
 from amc.graph import COUPLED, PrunableGraph
 from amc.scoring import Scorer
-from amc.spaces import Space
+from amc.spaces import AnchoredChoice, Space
 
 
 class PruningEnv(gym.Env):
@@ -37,7 +37,7 @@ class PruningEnv(gym.Env):
     def __init__(
         self, model: nn.Module, space: Space, scorer: Scorer, protocol: str = "resource",
         target: float = 0.5, lbound: float = 0.2, rbound: float = 1.0, fill: bool = True,
-        state_history: bool = False,
+        state_history: bool = False, anchor: Sequence[int] | None = None, anchor_spread: float = 1.0,
     ):
         if protocol not in REWARDS:
             raise ValueError(f"protocol must be one of {sorted(REWARDS)}, got {protocol!r}")
@@ -54,6 +54,8 @@ class PruningEnv(gym.Env):
         self.full_cost = space.cost(space.sizes)
         self.budget = target * self.full_cost
         self.choices = space.choices(lbound, rbound)
+        if anchor is not None:
+            self.choices = [AnchoredChoice(choice, value, anchor_spread) for choice, value in zip(self.choices, anchor)]
         self.floor = [choice.floor for choice in self.choices]
         self.ceiling = [choice.ceiling for choice in self.choices]
         self.static = static_features(space.layers, space.unit_costs)

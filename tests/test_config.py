@@ -71,6 +71,13 @@ def test_fine_grained_needs_params_budget(tmp_path):
     assert "resource: params" in error_for(tmp_path, raw)
 
 
+@pytest.mark.parametrize("fields", [{"protocol": "accuracy"}, {"mode": "quantize", "resource": "size"}])
+def test_an_anchor_needs_a_budgeted_channel_or_weight_search(tmp_path, fields):
+    raw = demo_dict(tmp_path)
+    raw["search"].update(anchor="uniform", **fields)
+    assert "it needs protocol: resource and mode: channel or fine_grained" in error_for(tmp_path, raw)
+
+
 def test_invalid_yaml_and_missing_file(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("model: [unclosed\n")

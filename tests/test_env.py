@@ -13,10 +13,11 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 import amc.envs
-from amc.baselines import uniform_policy
+from amc.baselines import baseline_policy, uniform_policy
 from amc.config import config_from_dict
 from amc.envs.state import FEATURES
-from amc.factory import env_from_config
+from amc.budget import nearest_allowed
+from amc.factory import Workspace, env_from_config
 from amc.metrics import count_macs, count_nonzero_params, count_params, torch_threads
 from amc.pruning import keep_count
 from amc.spaces import ChannelSpace, FineGrainedSpace
@@ -119,6 +120,22 @@ def test_state_history_carries_every_earlier_value_after_the_papers_features(dem
         np.testing.assert_array_equal(obs[:11], paper_obs)  # the paper's features are untouched
         np.testing.assert_allclose(obs[11:11 + t], ratios[:t], rtol=1e-6)  # what was cut before t
         assert not obs[11 + t:].any()  # nothing yet for t and the units after it
+
+
+@pytest.mark.parametrize("rule", ["uniform", "global"])
+def test_an_anchored_walk_starts_at_the_rule_and_explores_around_it(demo_raw, tmp_path, rule):
+    env = env_with(demo_raw, tmp_path, rule, anchor=rule, fill_budget=False)
+    check_env(env, skip_render_check=True)
+    workspace = Workspace(config_from_dict({**demo_raw, "search": {**demo_raw["search"], "anchor": "none"}}))
+    rule_keep = baseline_policy(workspace.cfg, rule, workspace)
+    *_, info = run_episode(env, [0.5] * env.num_units)
+    assert info["keep"] == rule_keep  # the middle action is the rule, which fits the budget as it is
+    for t, choice in enumerate(env.choices):  # the ends: half and twice the rule's value, within the bounds
+        assert choice.pick(0.0) == nearest_allowed(rule_keep[t] / 2, choice.allowed, choice.floor, choice.ceiling)
+        assert choice.pick(1.0) == nearest_allowed(rule_keep[t] * 2, choice.allowed, choice.floor, choice.ceiling)
+        assert choice.pick(0.0) <= rule_keep[t] <= choice.pick(1.0)
+    *_, low = run_episode(env, [0.0] * env.num_units)
+    assert low["keep"] == [choice.pick(0.0) for choice in env.choices]  # under the budget: nothing clipped
 
 
 def test_unused_budget_is_spread_over_the_units(demo_raw, tmp_path):
