@@ -62,10 +62,10 @@ class AnchoredChoice:
     """Another choice re-centred on a rule's value: action 0.5 picks ``anchor``, the ends its value
     scaled by 2 ** -``spread`` and 2 ** ``spread``, snapped to the nearest allowed value within the
     inner choice's bounds. The walk then explores around a policy known to fit the budget well
-    instead of anywhere in [lbound, rbound] (docs/benchmarks.md, session 16)."""
+    instead of anywhere in [lbound, rbound] (``search.anchor``; docs/benchmarks.md, sessions 16-17)."""
 
     def __init__(self, inner: Choice, anchor: int, spread: float):
-        self.inner, self.anchor, self.spread = inner, anchor, spread
+        self.anchor, self.spread = anchor, spread
         self.size, self.step, self.floor, self.ceiling = inner.size, inner.step, inner.floor, inner.ceiling
         self.allowed, self.bound_text = inner.allowed, inner.bound_text
         self.ratio, self.state = inner.ratio, inner.state

@@ -54,7 +54,7 @@ class PruningEnv(gym.Env):
         self.full_cost = space.cost(space.sizes)
         self.budget = target * self.full_cost
         self.choices = space.choices(lbound, rbound)
-        if anchor is not None:
+        if anchor is not None:  # a rule's policy (one value per unit): actions become deviations from it
             self.choices = [AnchoredChoice(choice, value, anchor_spread) for choice, value in zip(self.choices, anchor)]
         self.floor = [choice.floor for choice in self.choices]
         self.ceiling = [choice.ceiling for choice in self.choices]
