@@ -87,7 +87,9 @@ def test_the_answer_is_chosen_on_the_selection_split(demo_cfg, tmp_path):
 
 def test_nll_rewards_and_selects_by_the_cross_entropy_of_the_true_class(demo_cfg, tmp_path):
     """reward_metric nll: the error is the mean cross-entropy, in the rewards, the selection step
-    (per image, for the margin) and the noise, and the summary speaks of nats."""
+    (per image, for the margin) and the noise, and the summary speaks of nats. Rewards in fp32: on
+    hardware with native bf16 the fidelity check may keep bf16, whose rewards differ from the fp32
+    reference below by up to its tolerance."""
     import torch
     import torch.nn.functional as F
 
@@ -97,7 +99,8 @@ def test_nll_rewards_and_selects_by_the_cross_entropy_of_the_true_class(demo_cfg
     from amc.metrics import accuracy, per_image_metric
     from amc.pipeline import answer_note
 
-    cfg = demo_cfg.model_copy(update={"search": demo_cfg.search.model_copy(update={"reward_metric": "nll"})})
+    cfg = demo_cfg.model_copy(update={"search": demo_cfg.search.model_copy(update={"reward_metric": "nll",
+                                                                                  "precision": "fp32"})})
     answer = search(cfg, tmp_path / "run", progress=False)
     assert answer["selection"]["metric"] == "nll" and answer["noise"]["metric"] == "nll"
     workspace = Workspace(cfg)
@@ -123,19 +126,20 @@ def test_a_searched_policy_must_lead_the_best_rule_by_the_margin(demo_cfg):
     from amc.baselines import baseline_policy
     from amc.factory import Workspace
     from amc.pipeline import answer_note
-    from amc.selection import SEARCH_MEAN, Candidate, images_to_separate, paired_standard_error, score_on_split, select
+    from amc.selection import (RULES, SEARCH_MEAN, Candidate, images_to_separate, paired_standard_error,
+                               score_on_split, select)
 
     ws = Workspace(demo_cfg)
     policies = {m: baseline_policy(demo_cfg, m, ws) for m in ("uniform", "global", "deep", "shallow", "random")}
     hits = {m: score_on_split(ws, keep, "select") for m, keep in policies.items()}
-    ranked = sorted(policies, key=lambda m: -hits[m].mean())
-    ranked = [ranked[0]] + [m for m in ranked if hits[m].mean() < hits[ranked[0]].mean()]
-    assert len(ranked) >= 3  # the demo's rules differ on the selection split
-    top, rule = ranked[0], ranked[1]  # the best one plays a searched policy against the best rule below it
+    rule, other = sorted(RULES, key=lambda m: -hits[m].mean())
+    top = max((m for m in policies if m not in RULES), key=lambda m: hits[m].mean())
+    # the best of the other policies plays a searched policy against the better rule
+    assert hits[top].mean() > hits[rule].mean() > hits[other].mean()  # the demo's policies differ on the selection split
 
     def candidates():
         return [Candidate("search", policies[top], episode=7, reward=-0.1), Candidate(rule, policies[rule]),
-                Candidate(ranked[2], policies[ranked[2]])]
+                Candidate(other, policies[other])]
 
     lead = hits[top].mean() - hits[rule].mean()
     se = paired_standard_error(hits[top], hits[rule])
