@@ -132,18 +132,23 @@ def test_a_searched_policy_must_lead_the_best_rule_by_the_margin(demo_cfg):
     ws = Workspace(demo_cfg)
     policies = {m: baseline_policy(demo_cfg, m, ws) for m in ("uniform", "global", "deep", "shallow", "random")}
     hits = {m: score_on_split(ws, keep, "select") for m, keep in policies.items()}
-    rule, other = sorted(RULES, key=lambda m: -hits[m].mean())
-    top = max((m for m in policies if m not in RULES), key=lambda m: hits[m].mean())
-    # the best of the other policies plays a searched policy against the better rule
-    assert hits[top].mean() > hits[rule].mean() > hits[other].mean()  # the demo's policies differ on the selection split
+    # select() knows a rule by its source, not its policy, and the demo's ranking of these policies
+    # depends on the machine the base trained on: the best plays a searched policy, the next two
+    # distinct scores play the two rules
+    first_with_score = {}
+    for m in sorted(policies, key=lambda m: -hits[m].mean()):
+        first_with_score.setdefault(hits[m].mean(), m)
+    assert len(first_with_score) >= 3  # the demo's policies differ on the selection split
+    top, second, third = list(first_with_score.values())[:3]
+    rule, other = RULES
 
     def candidates():
-        return [Candidate("search", policies[top], episode=7, reward=-0.1), Candidate(rule, policies[rule]),
-                Candidate(other, policies[other])]
+        return [Candidate("search", policies[top], episode=7, reward=-0.1), Candidate(rule, policies[second]),
+                Candidate(other, policies[third])]
 
-    lead = hits[top].mean() - hits[rule].mean()
-    se = paired_standard_error(hits[top], hits[rule])
-    diff = hits[top] - hits[rule]
+    lead = hits[top].mean() - hits[second].mean()
+    se = paired_standard_error(hits[top], hits[second])
+    diff = hits[top] - hits[second]
     assert se == pytest.approx(diff.std(ddof=1) / len(diff) ** 0.5) and se > 0
     for margin, kept_rule in ((0.0, False), (0.999 * lead / se, False), (1.001 * lead / se, True)):
         answer, decision = select(ws, candidates(), lambda error, keep: -error, margin=margin)
