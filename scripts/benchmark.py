@@ -326,7 +326,9 @@ def mean_interval(diffs: list[float], suffix: str = "", digits: int = 2) -> str:
 def versus_random_table(groups: dict[tuple, list[dict]]) -> str:
     """AMC minus random search, paired by seed (the same seed walks the same warmup policies), with
     95% intervals: does the agent find more than the same number of random episodes? The best
-    reward in its metric's units, every other column in points of top-1."""
+    reward in its metric's units, every other column in points of top-1. The mean policy column
+    compares each search's mean of its top-K (a selection candidate): averaging scattered random
+    samples can land where the agent converges (docs/benchmarks.md, session 19)."""
     rows = []
     for target in sorted({t for t, _ in groups}, reverse=True):
         amc = {r["seed"]: r for r in groups.get((target, "amc"), [])}
@@ -339,19 +341,22 @@ def versus_random_table(groups: dict[tuple, list[dict]]) -> str:
         rows.append([f"{target:.4g}", " ".join(map(str, seeds)),
                      f"{mean_interval(point_differences(amc, rand, 'best_reward', seeds, factor), digits=digits)} {unit}",
                      *(mean_interval(point_differences(amc, rand, key, seeds)) for key in
-                       ("select_top_k_mean", "test_top_k_mean", "select_top1_before_ft", "test_top1_before_ft")),
+                       ("select_top_k_mean", "test_top_k_mean", "test_search_mean", "select_top1_before_ft",
+                        "test_top1_before_ft")),
                      mean_interval(point_differences(amc, rand, "test_top1_after_ft", tuned))])
     if not rows:
         return ""
     return "\n\n" + table(["target", "seeds", "AMC - random: best reward", "top-K mean select top-1",
-                            "top-K mean test top-1", "select top-1", "test before FT", "test after FT"], rows,
+                            "top-K mean test top-1", "mean policy test top-1", "select top-1", "test before FT",
+                            "test after FT"], rows,
                            markdown=True)
 
 
 def point_differences(a: dict[int, dict], b: dict[int, dict], key: str, seeds: list[int],
                       factor: float = 100.0) -> list[float]:
-    """Per seed, ``a``'s value of ``key`` minus ``b``'s, times ``factor`` (points by default)."""
-    return [factor * (a[s][key] - b[s][key]) for s in seeds if key in a[s] and key in b[s]]
+    """Per seed, ``a``'s value of ``key`` minus ``b``'s, times ``factor`` (points by default); seeds
+    where either lacks it (an older record, or no mean policy among the candidates) are left out."""
+    return [factor * (a[s][key] - b[s][key]) for s in seeds if a[s].get(key) is not None and b[s].get(key) is not None]
 
 
 def recorded(path: Path) -> set[tuple]:

@@ -78,6 +78,10 @@ def test_benchmark_records_every_method_and_resumes(demo_raw, tmp_path):
         assert 0.5 < r["test_top_k_mean"] <= 1
     test_gap = sum(100 * (by["amc", s]["test_top_k_mean"] - by["random", s]["test_top_k_mean"]) for s in (0, 1)) / 2
     assert "top-K mean test top-1" in versus and versus_row[4].strip().startswith(f"{test_gap:+.2f} [")
+    mean_gaps = [100 * (by["amc", s]["test_search_mean"] - by["random", s]["test_search_mean"]) for s in (0, 1)
+                 if by["amc", s]["test_search_mean"] is not None and by["random", s]["test_search_mean"] is not None]
+    assert "mean policy test top-1" in versus and versus_row[5].strip() == (
+        benchmark.mean_interval(mean_gaps) if mean_gaps else "-")
 
     # a results file written before a diagnostic existed gains it from the run folders
     stripped = [{k: v for k, v in r.items() if k not in ("select_top_k_mean", "select_top_k", "test_top_k_mean")}
