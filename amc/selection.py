@@ -124,20 +124,24 @@ def metric_on_split(workspace: Workspace, keep: list[int], split: str, seed: int
 
 
 def select(workspace: Workspace, candidates: list[Candidate], reward_of: Callable[[float, list[int]], float],
-           split: str = "select", progress: bool = False, margin: float = 0.0) -> tuple[Candidate, dict]:
+           split: str = "select", progress: bool = False, margin: float = 0.0,
+           scorer: Callable[[list[int]], np.ndarray] | None = None) -> tuple[Candidate, dict]:
     """Score every candidate on ``split``; the best score wins (the earlier candidate on a tie),
     except that a searched winner must beat the best rule by more than ``margin`` standard errors
     of their paired difference (per image; a user's metric gives one number, so no margin).
 
     ``reward_of(error, keep)`` is the protocol's reward, so the accuracy-guaranteed protocol
-    still trades error against cost here. Returns the answer and how the margin decided.
+    still trades error against cost here. ``scorer(keep)`` gives a policy's per-image values on
+    ``split`` (``score_on_split`` by default; a caller that selects many times may cache it).
+    Returns the answer and how the margin decided.
     """
     if not candidates:
         raise UserError("no policy to select from", field="search")
+    scorer = scorer or (lambda keep: score_on_split(workspace, keep, split))
     hits = {}
     for i, c in enumerate(tqdm(candidates, desc=f"select on {split}", disable=not progress, leave=False)):
         if workspace.evaluate is None:
-            hits[i] = score_on_split(workspace, c.keep, split)
+            hits[i] = scorer(c.keep)
             c.select_metric = float(hits[i].mean())
         else:
             c.select_metric = metric_on_split(workspace, c.keep, split)

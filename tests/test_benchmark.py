@@ -166,6 +166,39 @@ def test_rescore_measures_the_best_episodes_on_test(demo_raw, tmp_path, capsys):
     assert rescore.main([run_dir, "--set", "search.no_such_field=1"]) == 2
 
 
+def test_stop_early_reselects_from_the_first_episodes_and_reproduces_the_full_answer(demo_raw, tmp_path, capsys):
+    import stop_early
+
+    config = write_config(tmp_path / "demo.yaml", demo_raw)
+    records = run(config, tmp_path / "bench", "--seeds", "0", "--methods", "amc", "random", "--episodes", "6",
+                  "--finetune-epochs", "0")
+    runs = [tmp_path / "bench" / "runs" / f"{m}_t0.5_s0" for m in ("amc", "random")]
+    out = tmp_path / "curve.json"
+    capsys.readouterr()
+    assert stop_early.main([*map(str, runs), "--episodes", "2", "6", "--out", str(out)]) == 0
+    curve = {(r["method"], r["episodes"]): r for r in json.loads(out.read_text())}
+    assert sorted(curve) == [("amc", 2), ("amc", 6), ("random", 2), ("random", 6)]
+    for r in records:  # stopped at the full length, the selection step gives the search's own answer
+        full = curve[r["method"], 6]
+        assert (full["answer_source"], full["test_top1"], full["test_top_k_mean"], full["best_reward"]) == (
+            r["answer_source"], r["test_top1_before_ft"], pytest.approx(r["test_top_k_mean"]), r["best_reward"])
+        episodes = read_episodes(tmp_path / "bench" / "runs" / f"{r['method']}_t0.5_s0")
+        assert curve[r["method"], 2]["best_reward"] == max(e["reward"] for e in episodes[:2])
+        assert curve[r["method"], 2]["answer_episode"] in (None, 0, 1)
+    # both warmups walk the same first episodes under one seed: stopped there, they answer alike
+    assert {k: v for k, v in curve["amc", 2].items() if k not in ("run", "method")} == {
+        k: v for k, v in curve["random", 2].items() if k not in ("run", "method")}
+    header, *rows = markdown_tables(capsys.readouterr().out)[0]
+    assert header[0] == "episodes" and [row[0] for row in rows] == ["2", "6"]
+    assert rows[0][5] == "+0.00"  # AMC - random on one seed: no interval
+    assert rows[1][5] == f"{100 * (curve['amc', 6]['test_top1'] - curve['random', 6]['test_top1']):+.2f}"
+
+    assert stop_early.main([*map(str, runs), "--episodes", "2", "6", "--out", str(out)]) == 0  # resumes: no repeats
+    assert len(json.loads(out.read_text())) == 4
+    assert stop_early.main([str(runs[0]), "--episodes", "7", "--out", str(out)]) == 2
+    assert "has 6 episodes, fewer than 7" in capsys.readouterr().err
+
+
 def test_repair_noise_rescores_the_best_policies_with_other_repair_samples(demo_raw, tmp_path, capsys):
     import repair_noise
 

@@ -1,0 +1,134 @@
+"""What would each finished search have answered had it stopped after N episodes?
+
+A search's first N episodes do not depend on how many it was asked for (docs/benchmarks.md,
+session 19: a 200-episode search walks exactly the first 200 episodes of a 400-episode one), so
+one finished run answers for every shorter budget. For each run and each N this takes the first
+N episodes, runs the selection step on them as the search does (the top-K distinct policies by
+reward, their mean and the rules, repaired as export repairs them and scored on the selection
+split, with the same margin) and measures the answer and the top-K on test. Paired by seed, AMC
+against random search at equal episodes says whether the agent gets there sooner, not only
+whether it gets further.
+
+    python scripts/stop_early.py RUN_DIR... --episodes 100 200 300 400 --out curve.json
+
+Records go to ``--out`` (shared by processes under a lock; finished (run, N) pairs are skipped,
+so a stopped measurement resumes); the table covers every record of the runs named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from amc.errors import UserError
+from amc.export import prune_policy
+from amc.factory import Workspace
+from amc.metrics import per_image_metric
+from amc.report import table
+from amc.search import load_run_config, read_episodes
+from amc.selection import Candidate, mean_candidate, rule_candidates, select, top_policies
+from benchmark import mean_interval, read_records, stat, update_records
+
+
+class PolicyScores:
+    """Per policy, repaired once: its per-image values on the selection split and its test top-1."""
+
+    def __init__(self, workspace: Workspace, split: str):
+        self.workspace, self.split, self.cache = workspace, split, {}
+
+    def __call__(self, keep: list[int]) -> tuple[np.ndarray, float]:
+        key = tuple(keep)
+        if key not in self.cache:
+            ws = self.workspace
+            model = prune_policy(ws, keep)[0]
+            self.cache[key] = (per_image_metric(model, ws.loader(self.split), ws.cfg.search.reward_metric),
+                               ws.split_metrics(model, "test")["test_top1"])
+        return self.cache[key]
+
+
+def method_of(cfg) -> str:
+    """``random`` for a run whose every episode is a warmup episode (how benchmark.py runs random search)."""
+    return "random" if cfg.agent.warmup_episodes >= cfg.search.episodes else "amc"
+
+
+def answers(run_dir: Path, budgets: list[int]) -> list[dict]:
+    """One record per episode budget: the answer the selection step picks from the first N episodes."""
+    cfg = load_run_config(run_dir)
+    if cfg.search.protocol != "resource" or cfg.data.select_size == 0:
+        raise UserError("needs a resource-constrained run with a selection split", where=str(run_dir))
+    rows = read_episodes(run_dir)
+    if len(rows) < max(budgets):
+        raise UserError(f"has {len(rows)} episodes, fewer than {max(budgets)}", where=str(run_dir))
+    workspace = Workspace(cfg)
+    env = workspace.env()
+    space, scores = env.space, PolicyScores(workspace, "select")
+    rules = rule_candidates(workspace)
+
+    def reward_of(error: float, keep: list[int]) -> float:
+        return env.reward_fn(error, space.measures(keep)[space.reward_measure])
+
+    records = []
+    for n in sorted(set(budgets)):
+        top = top_policies([r for r in rows if r["episode"] < n], space.names, space.sizes, cfg.search.select_top_k)
+        mean = mean_candidate(top, env)
+        candidates = [*top, *([mean] if mean else []), *(Candidate(r.source, r.keep) for r in rules)]
+        answer, _ = select(workspace, candidates, reward_of, "select", margin=cfg.search.select_margin,
+                           scorer=lambda keep: scores(keep)[0])
+        records.append({
+            "run": str(run_dir), "method": method_of(cfg), "seed": cfg.agent.seed if cfg.agent.seed is not None
+            else cfg.seed, "base": cfg.model.checkpoint, "episodes": n, "best_reward": top[0].reward,
+            "answer_source": answer.source, "answer_episode": answer.episode,
+            "select_top1": answer.select_metric, "test_top1": scores(answer.keep)[1],
+            "test_top_k_mean": statistics.mean(scores(c.keep)[1] for c in top),
+            "test_search_mean": scores(mean.keep)[1] if mean else None})
+    return records
+
+
+def curve_table(records: list[dict]) -> str:
+    """Per episode budget: each method's answers and top-K on test, and AMC minus random search paired by seed."""
+    rows = []
+    for n in sorted({r["episodes"] for r in records}):
+        by = {m: {r["seed"]: r for r in records if r["episodes"] == n and r["method"] == m} for m in ("amc", "random")}
+        seeds = sorted(set(by["amc"]) & set(by["random"]))
+
+        def diff(key: str) -> str:
+            return mean_interval([100 * (by["amc"][s][key] - by["random"][s][key]) for s in seeds
+                                  if by["amc"][s][key] is not None and by["random"][s][key] is not None])
+        rows.append([n, *(stat([100 * r["test_top1"] for r in by[m].values()]) for m in ("amc", "random")),
+                     *(" ".join(sorted({str(r["answer_source"]).replace("search_", "") for r in by[m].values()}))
+                       for m in ("amc", "random")),
+                     diff("test_top1"), diff("test_top_k_mean"), diff("test_search_mean")])
+    return table(["episodes", "AMC answer, test top-1", "random search answer", "AMC's answers from",
+                  "random's answers from", "AMC - random: the answer", "top-K mean", "mean policy"], rows,
+                 markdown=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dirs", type=Path, nargs="+")
+    p.add_argument("--episodes", type=int, nargs="+", required=True, help="the budgets N to stop at")
+    p.add_argument("--out", type=Path, required=True, help="the records' JSON file (resumed when it exists)")
+    args = p.parse_args(argv)
+    try:
+        if min(args.episodes) < 1:
+            raise UserError("must be at least 1", field="--episodes")
+        for run_dir in args.run_dirs:
+            done = {r["episodes"] for r in read_records(args.out) if r["run"] == str(run_dir)}
+            if todo := [n for n in args.episodes if n not in done]:
+                new = answers(run_dir, todo)
+                update_records(args.out, lambda records: records + [r for r in new if (r["run"], r["episodes"])
+                                                                     not in {(q["run"], q["episodes"]) for q in records}])
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    names = {str(d) for d in args.run_dirs}
+    print(curve_table([r for r in read_records(args.out) if r["run"] in names]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
