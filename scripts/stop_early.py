@@ -9,10 +9,11 @@ split, with the same margin) and measures the answer and the top-K on test. Pair
 against random search at equal episodes says whether the agent gets there sooner, not only
 whether it gets further.
 
-    python scripts/stop_early.py RUN_DIR... --episodes 100 200 300 400 --out curve.json
+    python scripts/stop_early.py RUN_DIR... --episodes 100 200 300 400 --out curve.json [--rules results.json]
 
 Records go to ``--out`` (shared by processes under a lock; finished (run, N) pairs are skipped,
-so a stopped measurement resumes); the table covers every record of the runs named.
+so a stopped measurement resumes); the table covers every record of the runs named, and with
+the benchmark's results.json pairs each answer with the rules on its own base.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from amc.metrics import per_image_metric
 from amc.report import table
 from amc.search import load_run_config, read_episodes
 from amc.selection import Candidate, mean_candidate, rule_candidates, select, top_policies
-from benchmark import mean_interval, read_records, stat, update_records
+from benchmark import differences_to_rule, mean_interval, read_records, stat, update_records
 
 
 class PolicyScores:
@@ -82,14 +83,16 @@ def answers(run_dir: Path, budgets: list[int]) -> list[dict]:
             "run": str(run_dir), "method": method_of(cfg), "seed": cfg.agent.seed if cfg.agent.seed is not None
             else cfg.seed, "base": cfg.model.checkpoint, "episodes": n, "best_reward": top[0].reward,
             "answer_source": answer.source, "answer_episode": answer.episode,
-            "select_top1": answer.select_metric, "test_top1": scores(answer.keep)[1],
+            "select_top1": answer.select_metric, "test_top1_before_ft": scores(answer.keep)[1],
             "test_top_k_mean": statistics.mean(scores(c.keep)[1] for c in top),
             "test_search_mean": scores(mean.keep)[1] if mean else None})
     return records
 
 
-def curve_table(records: list[dict]) -> str:
-    """Per episode budget: each method's answers and top-K on test, and AMC minus random search paired by seed."""
+def curve_table(records: list[dict], rule_records: list[dict] = ()) -> str:
+    """Per episode budget: each method's answers and top-K on test, AMC minus random search paired by
+    seed and, given the benchmark's rule records, each answer minus each rule on its own base."""
+    rules = sorted({r["method"] for r in rule_records if r["method"] in ("uniform", "global")}, reverse=True)
     rows = []
     for n in sorted({r["episodes"] for r in records}):
         by = {m: {r["seed"]: r for r in records if r["episodes"] == n and r["method"] == m} for m in ("amc", "random")}
@@ -98,13 +101,17 @@ def curve_table(records: list[dict]) -> str:
         def diff(key: str) -> str:
             return mean_interval([100 * (by["amc"][s][key] - by["random"][s][key]) for s in seeds
                                   if by["amc"][s][key] is not None and by["random"][s][key] is not None])
-        rows.append([n, *(stat([100 * r["test_top1"] for r in by[m].values()]) for m in ("amc", "random")),
+        rows.append([n, *(stat([100 * r["test_top1_before_ft"] for r in by[m].values()]) for m in ("amc", "random")),
                      *(" ".join(sorted({str(r["answer_source"]).replace("search_", "") for r in by[m].values()}))
                        for m in ("amc", "random")),
-                     diff("test_top1"), diff("test_top_k_mean"), diff("test_search_mean")])
+                     diff("test_top1_before_ft"), diff("test_top_k_mean"), diff("test_search_mean"),
+                     *(mean_interval(differences_to_rule(list(by[m].values()), [r for r in rule_records
+                                                                                if r["method"] == rule],
+                                                         "test_top1_before_ft"))
+                       for m in ("amc", "random") for rule in rules)])
     return table(["episodes", "AMC answer, test top-1", "random search answer", "AMC's answers from",
-                  "random's answers from", "AMC - random: the answer", "top-K mean", "mean policy"], rows,
-                 markdown=True)
+                  "random's answers from", "AMC - random: the answer", "top-K mean", "mean policy",
+                  *(f"{m} - {rule}" for m in ("AMC", "random") for rule in rules)], rows, markdown=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dirs", type=Path, nargs="+")
     p.add_argument("--episodes", type=int, nargs="+", required=True, help="the budgets N to stop at")
     p.add_argument("--out", type=Path, required=True, help="the records' JSON file (resumed when it exists)")
+    p.add_argument("--rules", type=Path, help="the benchmark's results.json: pair each answer with its base's rules")
     args = p.parse_args(argv)
     try:
         if min(args.episodes) < 1:
@@ -126,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     names = {str(d) for d in args.run_dirs}
-    print(curve_table([r for r in read_records(args.out) if r["run"] in names]))
+    print(curve_table([r for r in read_records(args.out) if r["run"] in names],
+                      read_records(args.rules) if args.rules else []))
     return 0
 
 

@@ -170,17 +170,18 @@ def test_stop_early_reselects_from_the_first_episodes_and_reproduces_the_full_an
     import stop_early
 
     config = write_config(tmp_path / "demo.yaml", demo_raw)
-    records = run(config, tmp_path / "bench", "--seeds", "0", "--methods", "amc", "random", "--episodes", "6",
-                  "--finetune-epochs", "0")
+    records = run(config, tmp_path / "bench", "--seeds", "0", "--episodes", "6", "--finetune-epochs", "0")
     runs = [tmp_path / "bench" / "runs" / f"{m}_t0.5_s0" for m in ("amc", "random")]
     out = tmp_path / "curve.json"
     capsys.readouterr()
-    assert stop_early.main([*map(str, runs), "--episodes", "2", "6", "--out", str(out)]) == 0
+    assert stop_early.main([*map(str, runs), "--episodes", "2", "6", "--out", str(out),
+                            "--rules", str(tmp_path / "bench" / "results.json")]) == 0
     curve = {(r["method"], r["episodes"]): r for r in json.loads(out.read_text())}
     assert sorted(curve) == [("amc", 2), ("amc", 6), ("random", 2), ("random", 6)]
-    for r in records:  # stopped at the full length, the selection step gives the search's own answer
+    for r in (r for r in records if r["method"] in ("amc", "random")):  # stopped at the full length, the
+        # selection step gives the search's own answer
         full = curve[r["method"], 6]
-        assert (full["answer_source"], full["test_top1"], full["test_top_k_mean"], full["best_reward"]) == (
+        assert (full["answer_source"], full["test_top1_before_ft"], full["test_top_k_mean"], full["best_reward"]) == (
             r["answer_source"], r["test_top1_before_ft"], pytest.approx(r["test_top_k_mean"]), r["best_reward"])
         episodes = read_episodes(tmp_path / "bench" / "runs" / f"{r['method']}_t0.5_s0")
         assert curve[r["method"], 2]["best_reward"] == max(e["reward"] for e in episodes[:2])
@@ -191,7 +192,11 @@ def test_stop_early_reselects_from_the_first_episodes_and_reproduces_the_full_an
     header, *rows = markdown_tables(capsys.readouterr().out)[0]
     assert header[0] == "episodes" and [row[0] for row in rows] == ["2", "6"]
     assert rows[0][5] == "+0.00"  # AMC - random on one seed: no interval
-    assert rows[1][5] == f"{100 * (curve['amc', 6]['test_top1'] - curve['random', 6]['test_top1']):+.2f}"
+    assert rows[1][5] == f"{100 * (curve['amc', 6]['test_top1_before_ft'] - curve['random', 6]['test_top1_before_ft']):+.2f}"
+    rules = {r["method"]: r["test_top1_before_ft"] for r in records if r["method"] in ("uniform", "global")}
+    assert header[8:] == ["AMC - uniform", "AMC - global", "random - uniform", "random - global"]
+    assert rows[1][8:] == [f"{100 * (curve[m, 6]['test_top1_before_ft'] - rules[rule]):+.2f}"
+                           for m in ("amc", "random") for rule in ("uniform", "global")]
 
     assert stop_early.main([*map(str, runs), "--episodes", "2", "6", "--out", str(out)]) == 0  # resumes: no repeats
     assert len(json.loads(out.read_text())) == 4
