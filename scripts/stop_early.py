@@ -31,7 +31,7 @@ from amc.factory import Workspace
 from amc.metrics import per_image_metric
 from amc.report import table
 from amc.search import load_run_config, read_episodes
-from amc.selection import Candidate, mean_candidate, rule_candidates, select, top_policies
+from amc.selection import RULES, Candidate, mean_candidate, rule_candidates, select, top_policies
 from benchmark import differences_to_rule, mean_interval, read_records, stat, update_records
 
 
@@ -92,7 +92,7 @@ def answers(run_dir: Path, budgets: list[int]) -> list[dict]:
 def curve_table(records: list[dict], rule_records: list[dict] = ()) -> str:
     """Per episode budget: each method's answers and top-K on test, AMC minus random search paired by
     seed and, given the benchmark's rule records, each answer minus each rule on its own base."""
-    rules = sorted({r["method"] for r in rule_records if r["method"] in ("uniform", "global")}, reverse=True)
+    rules = [rule for rule in RULES if any(r["method"] == rule for r in rule_records)]
     rows = []
     for n in sorted({r["episodes"] for r in records}):
         by = {m: {r["seed"]: r for r in records if r["episodes"] == n and r["method"] == m} for m in ("amc", "random")}
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if min(args.episodes) < 1:
             raise UserError("must be at least 1", field="--episodes")
+        if args.rules and not args.rules.is_file():
+            raise UserError("no such file", where=str(args.rules), field="--rules")
         for run_dir in args.run_dirs:
             done = {r["episodes"] for r in read_records(args.out) if r["run"] == str(run_dir)}
             if todo := [n for n in args.episodes if n not in done]:

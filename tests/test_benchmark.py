@@ -202,6 +202,7 @@ def test_stop_early_reselects_from_the_first_episodes_and_reproduces_the_full_an
     assert len(json.loads(out.read_text())) == 4
     assert stop_early.main([str(runs[0]), "--episodes", "7", "--out", str(out)]) == 2
     assert "has 6 episodes, fewer than 7" in capsys.readouterr().err
+    assert stop_early.main([str(runs[0]), "--episodes", "6", "--out", str(out), "--rules", str(tmp_path / "no.json")]) == 2
 
 
 def test_repair_noise_rescores_the_best_policies_with_other_repair_samples(demo_raw, tmp_path, capsys):
