@@ -21,6 +21,7 @@ import io
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ from amc.factory import Workspace, seed_everything
 from amc.fidelity import check_fidelity
 from amc.files import atomic_write_json, atomic_write_text
 from amc.parallel import Backend, WorkerError, open_backend
+from amc.selection import (Candidate, as_records, mean_candidate, reward_noise, rule_candidates, select,
+                           top_policies)
 
 CONFIG_FILE = "config.yaml"
 EPISODES_FILE = "episodes.csv"
@@ -332,25 +335,32 @@ def choose_answer(workspace: Workspace, env, run_dir: Path, progress: bool = Tru
     See amc/selection.py for why. With ``data.select_size: 0`` the candidates are compared on
     reward-val, where the search's own candidates carry their selection bias (recorded).
     """
-    from amc.selection import as_records, mean_candidate, reward_noise, rule_candidates, select, top_policies
-
     cfg = workspace.cfg
     split = "select" if cfg.data.select_size else "reward_val"
-    candidates = top_policies(read_episodes(run_dir), env.space.names, env.space.sizes, cfg.search.select_top_k)
-    added = [c for c in (mean_candidate(candidates, env), *rule_candidates(workspace)) if c is not None]
-    for candidate in added:  # scored as the search scores, so the rewards say whether the search beat the rules
-        candidate.reward = env.evaluate(candidate.keep)[0]
-    candidates += added
-    measure = env.space.reward_measure
-    winner, margin = select(workspace, candidates,
-                            lambda error, keep: env.reward_fn(error, env.space.measures(keep)[measure]),
-                            split, progress, cfg.search.select_margin)
+    candidates = selection_candidates(workspace, env, read_episodes(run_dir))
+    for candidate in candidates:  # the added ones scored as the search scores, so the rewards say
+        if candidate.reward is None:  # whether the search beat the rules
+            candidate.reward = env.evaluate(candidate.keep)[0]
+    winner, margin = select(workspace, candidates, protocol_reward(env), split, progress, cfg.search.select_margin)
     noise = reward_noise(workspace, winner.keep, seed=cfg.seed)
     return {"source": winner.source, "episode": winner.episode, "reward": winner.reward,
             "error": noise["reward_val_error"], **policy_record(env, winner.keep, cfg),
             "selection": {"split": split, "metric": workspace.metric_name, "candidates": as_records(candidates),
                           **({"margin": margin} if margin else {})},
             "noise": noise}
+
+
+def selection_candidates(workspace: Workspace, env, rows: list[dict]) -> list[Candidate]:
+    """The selection step's candidates from episodes ``rows``: the top-K distinct policies by reward
+    (their rewards from the episodes), their mean and the rules at the budget (no reward yet)."""
+    top = top_policies(rows, env.space.names, env.space.sizes, workspace.cfg.search.select_top_k)
+    return top + [c for c in (mean_candidate(top, env), *rule_candidates(workspace)) if c is not None]
+
+
+def protocol_reward(env) -> Callable[[float, list[int]], float]:
+    """``reward_of(error, keep)`` for ``select``: the episode's reward for that error at that policy's cost."""
+    space = env.space
+    return lambda error, keep: env.reward_fn(error, space.measures(keep)[space.reward_measure])
 
 
 def read_episodes(run_dir: Path) -> list[dict]:

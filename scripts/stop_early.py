@@ -30,8 +30,8 @@ from amc.export import prune_policy
 from amc.factory import Workspace
 from amc.metrics import per_image_metric
 from amc.report import table
-from amc.search import load_run_config, read_episodes
-from amc.selection import RULES, Candidate, mean_candidate, rule_candidates, select, top_policies
+from amc.search import load_run_config, protocol_reward, read_episodes, selection_candidates
+from amc.selection import RULES, SEARCH_MEAN, select
 from benchmark import differences_to_rule, mean_interval, read_records, stat, update_records
 
 
@@ -66,18 +66,13 @@ def answers(run_dir: Path, budgets: list[int]) -> list[dict]:
         raise UserError(f"has {len(rows)} episodes, fewer than {max(budgets)}", where=str(run_dir))
     workspace = Workspace(cfg)
     env = workspace.env()
-    space, scores = env.space, PolicyScores(workspace, "select")
-    rules = rule_candidates(workspace)
-
-    def reward_of(error: float, keep: list[int]) -> float:
-        return env.reward_fn(error, space.measures(keep)[space.reward_measure])
-
+    scores = PolicyScores(workspace, "select")
     records = []
     for n in sorted(set(budgets)):
-        top = top_policies([r for r in rows if r["episode"] < n], space.names, space.sizes, cfg.search.select_top_k)
-        mean = mean_candidate(top, env)
-        candidates = [*top, *([mean] if mean else []), *(Candidate(r.source, r.keep) for r in rules)]
-        answer, _ = select(workspace, candidates, reward_of, "select", margin=cfg.search.select_margin,
+        candidates = selection_candidates(workspace, env, [r for r in rows if r["episode"] < n])
+        top = [c for c in candidates if c.source == "search"]
+        mean = next((c for c in candidates if c.source == SEARCH_MEAN), None)
+        answer, _ = select(workspace, candidates, protocol_reward(env), "select", margin=cfg.search.select_margin,
                            scorer=lambda keep: scores(keep)[0])
         records.append({
             "run": str(run_dir), "method": method_of(cfg), "seed": cfg.agent.seed if cfg.agent.seed is not None
@@ -87,6 +82,14 @@ def answers(run_dir: Path, budgets: list[int]) -> list[dict]:
             "test_top_k_mean": statistics.mean(scores(c.keep)[1] for c in top),
             "test_search_mean": scores(mean.keep)[1] if mean else None})
     return records
+
+
+def with_new(new: list[dict]):
+    """The results file's change: add the records of (run, N) pairs another process has not added meanwhile."""
+    def change(records: list[dict]) -> list[dict]:
+        there = {(r["run"], r["episodes"]) for r in records}
+        return records + [r for r in new if (r["run"], r["episodes"]) not in there]
+    return change
 
 
 def curve_table(records: list[dict], rule_records: list[dict] = ()) -> str:
@@ -129,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         for run_dir in args.run_dirs:
             done = {r["episodes"] for r in read_records(args.out) if r["run"] == str(run_dir)}
             if todo := [n for n in args.episodes if n not in done]:
-                new = answers(run_dir, todo)
-                update_records(args.out, lambda records: records + [r for r in new if (r["run"], r["episodes"])
-                                                                     not in {(q["run"], q["episodes"]) for q in records}])
+                update_records(args.out, with_new(answers(run_dir, todo)))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
