@@ -246,6 +246,9 @@ class AgentConfig(Section):
     noise_sigma: float = Field(0.5, ge=0)
     noise_decay: float = Field(0.99, gt=0, le=1, description="sigma's factor per episode after warmup")
     baseline_alpha: float = Field(0.5, ge=0, le=1)
+    clone_top_k: int = Field(0, ge=0, description=(
+        "when warmup ends, fit the actor to the actions of the best k warmup episodes (behaviour "
+        "cloning), so the agent starts from the policy they share; 0 (AMC): start from the untrained actor"))
 
     @model_validator(mode="before")
     @classmethod

@@ -183,6 +183,8 @@ def propose(agent: AMCDDPG, env, episodes: range, warmup_episodes: int) -> list[
     proposals = []
     for episode in episodes:
         warmup = episode < warmup_episodes
+        if not warmup:
+            agent.end_warmup()
         sigma = agent.noise.sigma
         played = walk(env, lambda obs: agent.act(obs, warmup))  # noqa: B023 (called at once)
         proposals.append(Proposal(episode, warmup, sigma, played))

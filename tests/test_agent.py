@@ -79,6 +79,32 @@ def test_ddpg_or_td3(demo_cfg, algorithm, critics, delay):
     assert any(not torch.equal(a, b) for a, b in zip(actor_before, agent.actor.parameters()))
 
 
+def test_clone_top_k_starts_the_actor_at_the_best_warmup_episodes(demo_cfg):
+    """Every episode's first state is the same, so the cloned actor's first action is the mean of
+    the k best episodes' first actions; without cloning the actor is left as it was."""
+    env = Workspace(demo_cfg).env()
+    agents = {k: AMCDDPG(env, AgentConfig(warmup_episodes=12, clone_top_k=k), env.num_units, seed=0) for k in (0, 3)}
+    episodes = [run_episode(env, lambda obs: agents[0].act(obs, warmup=True)) for _ in range(12)]
+    for agent in agents.values():
+        for episode in episodes:
+            for transition in episode.transitions:
+                agent.store(*transition)
+    first_obs = episodes[0].transitions[0][0]
+    before = {k: agent.predict(first_obs, deterministic=True)[0] for k, agent in agents.items()}
+    for agent in agents.values():
+        agent.end_warmup()
+    best = sorted(episodes, key=lambda e: -e.reward)[:3]
+    mean_first = np.mean([e.transitions[0][2] for e in best], axis=0)
+    cloned = agents[3].predict(first_obs, deterministic=True)[0]
+    assert np.abs(cloned - mean_first).max() < 0.03 < np.abs(before[3] - mean_first).max()
+    assert np.array_equal(agents[0].predict(first_obs, deterministic=True)[0], before[0])
+    assert torch.equal(agents[3].actor_target.mu[-2].weight, agents[3].actor.mu[-2].weight)
+    resumed = AMCDDPG(env, AgentConfig(warmup_episodes=12, clone_top_k=3), env.num_units, seed=0)
+    resumed.load_state_dict(agents[3].state_dict())
+    resumed.end_warmup()  # once per search, also across a resume
+    assert np.array_equal(resumed.predict(first_obs, deterministic=True)[0], cloned)
+
+
 def test_sb3_learn_explores_the_amc_way(demo_cfg):
     env = Workspace(demo_cfg).env()
     cfg = AgentConfig(warmup_episodes=2, batch_size=8)
