@@ -78,9 +78,10 @@ class AMCDDPG(TD3):
 
         With ``agent.clone_top_k``, fits the actor (and its target) to the actions of the best
         warmup episodes in the buffer, so that the agent explores around the policy those
-        episodes share instead of spending its first hundreds of episodes rediscovering it:
-        measured on MobileNet v1, 100 random warmup episodes and the selection step's mean of
-        their ten best already reach the answer the agent converges to after 300 more.
+        episodes share instead of spending its first hundreds of episodes rediscovering it (on
+        MobileNet v1 at 25%, 100 random warmup episodes and the mean of their ten best already
+        reach the answer the agent converges to after 300 more). Measured there it changed
+        nothing (docs/benchmarks.md, session 21): AMC's first noise is almost as wide as warmup.
         """
         if self.warmup_ended:
             return
