@@ -21,6 +21,7 @@ from conftest import ROOT, write_config
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import benchmark  # noqa: E402
+import pool_rows  # noqa: E402
 
 
 def run(config: Path, out: Path, *extra: str) -> list[dict]:
@@ -352,6 +353,22 @@ def test_vary_base_trains_a_base_per_seed_and_pairs_searches_with_rules_on_their
     gap = sum(100 * (by["amc", s]["test_top1_before_ft"] - by["uniform", s]["test_top1_before_ft"]) for s in (0, 1)) / 2
     amc_row = (out / "results.md").read_text().splitlines()[2].split("|")
     assert amc_row[1].strip() == "amc" and amc_row[7].strip().startswith(f"{gap:+.2f} [")
+
+    # pooling rows pairs each search with the rule on its own base, row by row, then over all bases
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    records[0:0] = [dict(by["amc", 0], seed=5, base="elsewhere")]  # a search without its rule is left out
+    (copy / "results.json").write_text(json.dumps(records))
+    capsys.readouterr()
+    assert pool_rows.main([str(out), str(copy), "--target", "0.5"]) == 0
+    lines = [[cell.strip() for cell in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()[2:]]
+    uniform_before = [line for line in lines if line[:2] == ["AMC - uniform", "test before FT"]]
+    diffs = [100 * (by["amc", s]["test_top1_before_ft"] - by["uniform", s]["test_top1_before_ft"]) for s in (0, 1)]
+    assert [row[3:5] for row in uniform_before] == [["2", benchmark.mean_interval(diffs)]] * 2 + [
+        ["4", benchmark.mean_interval(diffs * 2)]]
+    assert [row[4] for row in lines if row[0] == "AMC - random"] == ["-"] * 6  # no random search here
+    assert pool_rows.main([str(tmp_path / "mixed")]) == 2
+    assert "mixed: no results.json" in capsys.readouterr().err
 
     # a base trained with another recipe than the config's is refused before anything runs
     assert benchmark.main(["--config", str(config), "--vary-base", "--seeds", "0", "1", "--set", "train.epochs=3",
