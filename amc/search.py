@@ -352,10 +352,11 @@ def choose_answer(workspace: Workspace, env, run_dir: Path, progress: bool = Tru
             "noise": noise}
 
 
-def selection_candidates(workspace: Workspace, env, rows: list[dict]) -> list[Candidate]:
+def selection_candidates(workspace: Workspace, env, rows: list[dict], k: int | None = None) -> list[Candidate]:
     """The selection step's candidates from episodes ``rows``: the top-K distinct policies by reward
-    (their rewards from the episodes), their mean and the rules at the budget (no reward yet)."""
-    top = top_policies(rows, env.space.names, env.space.sizes, workspace.cfg.search.select_top_k)
+    (their rewards from the episodes; K is ``search.select_top_k`` unless ``k`` is given), their
+    mean and the rules at the budget (no reward yet)."""
+    top = top_policies(rows, env.space.names, env.space.sizes, k or workspace.cfg.search.select_top_k)
     return top + [c for c in (mean_candidate(top, env), *rule_candidates(workspace)) if c is not None]
 
 

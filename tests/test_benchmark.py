@@ -191,16 +191,26 @@ def test_stop_early_reselects_from_the_first_episodes_and_reproduces_the_full_an
     assert {k: v for k, v in curve["amc", 2].items() if k not in ("run", "method")} == {
         k: v for k, v in curve["random", 2].items() if k not in ("run", "method")}
     header, *rows = markdown_tables(capsys.readouterr().out)[0]
-    assert header[0] == "episodes" and [row[0] for row in rows] == ["2", "6"]
-    assert rows[0][5] == "+0.00"  # AMC - random on one seed: no interval
-    assert rows[1][5] == f"{100 * (curve['amc', 6]['test_top1_before_ft'] - curve['random', 6]['test_top1_before_ft']):+.2f}"
+    assert header[:2] == ["episodes", "K"] and [row[:2] for row in rows] == [["2", "10"], ["6", "10"]]
+    assert rows[0][6] == "+0.00"  # AMC - random on one seed: no interval
+    assert rows[1][6] == f"{100 * (curve['amc', 6]['test_top1_before_ft'] - curve['random', 6]['test_top1_before_ft']):+.2f}"
     rules = {r["method"]: r["test_top1_before_ft"] for r in records if r["method"] in ("uniform", "global")}
-    assert header[8:] == ["AMC - uniform", "AMC - global", "random - uniform", "random - global"]
-    assert rows[1][8:] == [f"{100 * (curve[m, 6]['test_top1_before_ft'] - rules[rule]):+.2f}"
+    assert header[9:] == ["AMC - uniform", "AMC - global", "random - uniform", "random - global"]
+    assert rows[1][9:] == [f"{100 * (curve[m, 6]['test_top1_before_ft'] - rules[rule]):+.2f}"
                            for m in ("amc", "random") for rule in ("uniform", "global")]
 
     assert stop_early.main([*map(str, runs), "--episodes", "2", "6", "--out", str(out)]) == 0  # resumes: no repeats
     assert len(json.loads(out.read_text())) == 4
+    # another K: only the new (run, N, K) are measured; K=1 leaves the best episode and the rules
+    capsys.readouterr()
+    assert stop_early.main([*map(str, runs), "--episodes", "6", "--top-k", "1", "10", "--out", str(out)]) == 0
+    one = {r["method"]: r for r in json.loads(out.read_text()) if r["top_k"] == 1}
+    assert len(json.loads(out.read_text())) == 6 and sorted(one) == ["amc", "random"]
+    for method, r in one.items():
+        assert r["test_search_mean"] is None and r["best_reward"] == curve[method, 6]["best_reward"]
+        assert r["answer_source"] in ("search", "uniform", "global")
+    header, *rows = markdown_tables(capsys.readouterr().out)[0]
+    assert [row[:2] for row in rows] == [["2", "10"], ["6", "1"], ["6", "10"]]
     assert stop_early.main([str(runs[0]), "--episodes", "7", "--out", str(out)]) == 2
     assert "has 6 episodes, fewer than 7" in capsys.readouterr().err
     assert stop_early.main([str(runs[0]), "--episodes", "6", "--out", str(out), "--rules", str(tmp_path / "no.json")]) == 2
