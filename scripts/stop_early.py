@@ -14,7 +14,8 @@ whether it gets further.
 
 ``--top-k`` also asks what each search would have answered with another number of candidates
 (``search.select_top_k``; the run's own by default): more of the agent's concentrated best
-policies give the selection split more to choose from, at about a second per candidate.
+policies give the selection split more to choose from, at one export and one pass over the
+selection split (and here one over test) per extra candidate.
 
 Records go to ``--out`` (shared by processes under a lock; finished (run, N, K) triples are
 skipped, so a stopped measurement resumes); the table covers every record of the runs named, and
