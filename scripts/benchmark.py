@@ -232,14 +232,16 @@ def stat(values: list[float], digits: int = 2) -> str:
     return f"{mean} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
 
 
+def measured(records: list[dict], key: str) -> list[dict]:
+    """The records that have ``key``; "after FT" only where they fine-tuned."""
+    return [r for r in records if key in r and (key != "test_top1_after_ft" or r["finetune_epochs"])]
+
+
 def summarize(records: list[dict]) -> str:
     """One row per (target, method); searched methods also get their paired difference to the best rule."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["target"], r["method"]), []).append(r)
-
-    def measured(rs: list[dict], key: str) -> list[dict]:  # "after FT" only where it fine-tuned
-        return [r for r in rs if key in r and (key != "test_top1_after_ft" or r["finetune_epochs"])]
 
     def pct(rs: list[dict], key: str) -> list[float]:
         return [100 * r[key] for r in measured(rs, key)]

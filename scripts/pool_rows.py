@@ -22,7 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmark import differences_to_rule, mean_interval, point_differences, read_records
+from benchmark import differences_to_rule, mean_interval, measured, point_differences, read_records
 
 from amc.report import table
 
@@ -34,8 +34,7 @@ def row_differences(records: list[dict], baseline: str, key: str, target: float)
     """AMC minus ``baseline`` in points: random search by seed, a rule by base; records without ``key``
     (not fine-tuned) are left out."""
     def of(method: str) -> list[dict]:
-        return [r for r in records if r["method"] == method and r["target"] == target and key in r
-                and (key != "test_top1_after_ft" or r["finetune_epochs"])]
+        return measured([r for r in records if r["method"] == method and r["target"] == target], key)
 
     amc = of("amc")
     if baseline == "random":
